@@ -1,1 +1,55 @@
-"""llmgine_ws."""
+"""llmgine_ws: a bidirectional WebSocket messaging layer for LLM applications.
+
+Start with :func:`create_app`; extend with :class:`Extensions`; reach clients from your backend with
+the :class:`MessagingAPI` (``extensions.get_messaging_api()`` or :func:`get_messaging_api`).
+"""
+
+from .app import create_app, get_messaging_api
+from .config import APIConfig, ConfigError
+from .context import HandlerContext
+from .engines import Engine, EngineContext
+from .errors import (
+    AppDisconnected,
+    AppNotConnected,
+    ErrorCode,
+    MessagingError,
+    PendingRequestLimit,
+    ProtocolError,
+    ServerRequestFailed,
+    ServerShuttingDown,
+    SessionNotFound,
+)
+from .extensions import Extensions
+from .handlers import NO_REPLY
+from .messaging import BlockingMessagingAPI, MessagingAPI, ServerResponse
+from .runtime import Runtime, get_runtime
+from .sessions import Session
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NO_REPLY",
+    "APIConfig",
+    "AppDisconnected",
+    "AppNotConnected",
+    "BlockingMessagingAPI",
+    "ConfigError",
+    "Engine",
+    "EngineContext",
+    "ErrorCode",
+    "Extensions",
+    "HandlerContext",
+    "MessagingAPI",
+    "MessagingError",
+    "PendingRequestLimit",
+    "ProtocolError",
+    "Runtime",
+    "ServerRequestFailed",
+    "ServerResponse",
+    "ServerShuttingDown",
+    "Session",
+    "SessionNotFound",
+    "create_app",
+    "get_messaging_api",
+    "get_runtime",
+]

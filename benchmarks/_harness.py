@@ -1,0 +1,388 @@
+"""A/B orchestration: run a workload against a target and a baseline server, alternately, and compare.
+
+Both servers are started once, up front, with identical uvicorn settings, and stay up for the whole
+run; only one is ever under load at a time. For each concurrency level there are ``rounds`` rounds;
+each round measures both servers back to back (target first in even rounds, baseline first in odd
+rounds, so neither systematically gets the "first" or "second" slot). A measurement opens fresh
+connections (not timed), warms up, then counts operations for ``duration`` seconds.
+
+Reported per level: the median rate of each side, the ratio of the medians (target / baseline), and
+the range of the per-round ratios (each computed from the two measurements of the same round, which
+share the machine's conditions most closely).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks._loadgen import LoadError, LoadGenerator, Measurement, Workload
+from benchmarks._server import ServerError, ServerProcess, UvicornSettings
+
+#: Above this CPU fraction (of one core) the busiest load-generator process is probably the
+#: bottleneck, which compresses the ratio toward 1.
+LOADGEN_SATURATED = 0.90
+
+Log = Callable[[str], None]
+
+
+def _stderr_log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything that defines one comparison run."""
+
+    target: str
+    baseline: str
+    concurrency: tuple[int, ...] = (1, 64)
+    rounds: int = 5
+    duration: float = 3.0
+    warmup: float = 0.5
+    clients_procs: int = 1
+    client_loop: str = "auto"
+    path: str | None = None
+    """WebSocket path; ``None`` means the workload's own ``path``."""
+    uvicorn: UvicornSettings = field(default_factory=UvicornSettings)
+    ready_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class Round:
+    """Both measurements of one round at one concurrency level."""
+
+    index: int
+    order: tuple[str, str]
+    target: Measurement
+    baseline: Measurement
+
+    @property
+    def ratio(self) -> float:
+        """target rate / baseline rate for this round."""
+        return self.target.rate / self.baseline.rate if self.baseline.rate else math.nan
+
+
+@dataclass(frozen=True)
+class LevelResult:
+    """All rounds at one concurrency level, and their summary."""
+
+    concurrency: int
+    rounds: tuple[Round, ...]
+
+    @property
+    def target_median(self) -> float:
+        return statistics.median(r.target.rate for r in self.rounds)
+
+    @property
+    def baseline_median(self) -> float:
+        return statistics.median(r.baseline.rate for r in self.rounds)
+
+    @property
+    def ratio(self) -> float:
+        """Ratio of the medians: the headline number."""
+        return self.target_median / self.baseline_median if self.baseline_median else math.nan
+
+    @property
+    def ratio_range(self) -> tuple[float, float]:
+        """(min, max) of the per-round ratios."""
+        ratios = [r.ratio for r in self.rounds]
+        return min(ratios), max(ratios)
+
+    def server_cpu(self, side: str) -> float:
+        """Median CPU use of ``side``'s server process during its windows (fraction of a core)."""
+        return _median_finite(
+            getattr(r, side).probe_cpu[0] for r in self.rounds if getattr(r, side).probe_cpu
+        )
+
+    @property
+    def loadgen_cpu(self) -> float:
+        """Highest CPU use of the busiest load-generator process over all measurements."""
+        return max(max(r.target.loadgen_cpu, r.baseline.loadgen_cpu) for r in self.rounds)
+
+
+def _median_finite(values: Any) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return statistics.median(finite) if finite else math.nan
+
+
+# -- running ---------------------------------------------------------------------------------------
+
+
+def compare(workload: Workload, config: Config, log: Log = _stderr_log) -> list[LevelResult]:
+    """Run ``workload`` against ``config.target`` and ``config.baseline``, alternating, per level."""
+    path = config.path or workload.path
+    servers = {
+        "target": ServerProcess(
+            config.target, config.uvicorn, label="target", ready_path=path, ready_timeout=config.ready_timeout
+        ),
+        "baseline": ServerProcess(
+            config.baseline,
+            config.uvicorn,
+            label="baseline",
+            ready_path=path,
+            ready_timeout=config.ready_timeout,
+        ),
+    }
+    results: list[LevelResult] = []
+    with (
+        servers["target"],
+        servers["baseline"],
+        LoadGenerator(config.clients_procs, config.client_loop) as loadgen,
+    ):
+        for conc in config.concurrency:
+            rounds: list[Round] = []
+            for i in range(config.rounds):
+                order = ("target", "baseline") if i % 2 == 0 else ("baseline", "target")
+                got: dict[str, Measurement] = {}
+                for side in order:
+                    server = servers[side]
+                    server.check_alive()
+                    m = loadgen.measure(
+                        server.url(path),
+                        workload,
+                        conc,
+                        warmup=config.warmup,
+                        duration=config.duration,
+                        probes=(server.cpu_probe(),),
+                    )
+                    server.check_alive()
+                    got[side] = m
+                    log(
+                        f"  c={conc:<4} round {i + 1}/{config.rounds} {side:<8} "
+                        f"{m.rate:>11,.1f} {workload.unit}  server CPU {_pct(m.probe_cpu[0])}  "
+                        f"loadgen CPU {_pct(m.loadgen_cpu)}"
+                    )
+                rounds.append(Round(i, order, got["target"], got["baseline"]))
+            level = LevelResult(conc, tuple(rounds))
+            lo, hi = level.ratio_range
+            log(f"  c={conc:<4} ratio of medians {level.ratio:.3f} (rounds {lo:.3f}-{hi:.3f})")
+            results.append(level)
+    return results
+
+
+# -- reporting -------------------------------------------------------------------------------------
+
+
+def _pct(x: float) -> str:
+    return "  n/a" if math.isnan(x) else f"{x * 100:4.0f}%"
+
+
+def format_table(workload: Workload, config: Config, results: Sequence[LevelResult]) -> str:
+    """The human-readable summary table."""
+    unit = workload.unit
+    lines = [
+        f"{workload.name}: {unit}, median of {config.rounds} rounds x {config.duration:g} s "
+        f"(warmup {config.warmup:g} s), {config.clients_procs} load-generator process(es)",
+        f"  target   = {config.target}",
+        f"  baseline = {config.baseline}",
+        "  ratio    = target median / baseline median (>1: target faster)",
+        "",
+        f"{'conc':>5}  {'target ' + unit:>16}  {'baseline ' + unit:>18}  {'ratio':>6}  "
+        f"{'round ratios':>13}  {'srv CPU T/B':>11}  {'loadgen CPU':>11}",
+    ]
+    saturated = False
+    for lv in results:
+        lo, hi = lv.ratio_range
+        flag = ""
+        if lv.loadgen_cpu >= LOADGEN_SATURATED:
+            flag, saturated = " !", True
+        cpu_t, cpu_b = _pct(lv.server_cpu("target")), _pct(lv.server_cpu("baseline"))
+        gen = _pct(lv.loadgen_cpu)
+        lines.append(
+            f"{lv.concurrency:>5}  {lv.target_median:>16,.1f}  {lv.baseline_median:>18,.1f}  "
+            f"{lv.ratio:>6.3f}  {lo:>6.3f}-{hi:<6.3f}  {cpu_t:>5}/{cpu_b:<5}  {gen:>11}{flag}"
+        )
+    if saturated:
+        lines += [
+            "",
+            f"! a load-generator process reached >= {LOADGEN_SATURATED:.0%} of a core: the client, not the "
+            "server, may be the bottleneck, which pulls the ratio toward 1. Try --clients-procs 2 "
+            "(on a 2-core machine the generators then compete with the server for CPU; see README).",
+        ]
+    return "\n".join(lines)
+
+
+def _versions() -> dict[str, str]:
+    out: dict[str, str] = {}
+    for dist in (
+        "llmgine-ws",
+        "uvicorn",
+        "starlette",
+        "websockets",
+        "msgspec",
+        "anyio",
+        "uvloop",
+        "httptools",
+    ):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[dist] = importlib.metadata.version(dist)
+    return out
+
+
+def to_json(
+    workload: Workload, config: Config, results: Sequence[LevelResult], argv: Sequence[str]
+) -> dict[str, Any]:
+    """A JSON-serialisable record of the run: environment, settings, summary and every round."""
+
+    def meas(m: Measurement) -> dict[str, Any]:
+        cpu = m.probe_cpu[0] if m.probe_cpu else math.nan
+        return {
+            "ops": m.ops,
+            "rate": m.rate,
+            "server_cpu": None if math.isnan(cpu) else cpu,
+            "loadgen_cpu": m.loadgen_cpu,
+        }
+
+    return {
+        "benchmark": workload.name,
+        "unit": workload.unit,
+        "argv": list(argv),
+        "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "versions": _versions(),
+        "uvicorn": config.uvicorn.describe(),
+        "config": {
+            "target": config.target,
+            "baseline": config.baseline,
+            "path": config.path or workload.path,
+            "concurrency": list(config.concurrency),
+            "rounds": config.rounds,
+            "duration": config.duration,
+            "warmup": config.warmup,
+            "clients_procs": config.clients_procs,
+            "client_loop": config.client_loop,
+            "servers": "both up for the whole run, measured alternately (one under load at a time)",
+            "order": "target first in even rounds, baseline first in odd rounds",
+        },
+        "levels": [
+            {
+                "concurrency": lv.concurrency,
+                "target_median": lv.target_median,
+                "baseline_median": lv.baseline_median,
+                "ratio": lv.ratio,
+                "ratio_min": lv.ratio_range[0],
+                "ratio_max": lv.ratio_range[1],
+                "rounds": [
+                    {
+                        "round": r.index,
+                        "order": list(r.order),
+                        "ratio": r.ratio,
+                        "target": meas(r.target),
+                        "baseline": meas(r.baseline),
+                    }
+                    for r in lv.rounds
+                ],
+            }
+            for lv in results
+        ],
+    }
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def build_parser(
+    description: str,
+    *,
+    default_target: str = "llmgine_ws.main:app",
+    default_baseline: str = "benchmarks.bare_echo:app",
+) -> argparse.ArgumentParser:
+    """The options every A/B benchmark script shares."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--target", default=default_target, help="system under test, ASGI import string (%(default)s)"
+    )
+    p.add_argument("--baseline", default=default_baseline, help="baseline ASGI import string (%(default)s)")
+    p.add_argument(
+        "--concurrency", type=_positive_int, nargs="+", default=[1, 64], help="connection counts (1 64)"
+    )
+    p.add_argument("--rounds", type=_positive_int, default=5, help="A/B rounds per level (5)")
+    p.add_argument("--duration", type=_positive_float, default=3.0, help="measured seconds per run (3)")
+    p.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds before each window (0.5)")
+    p.add_argument(
+        "--clients-procs",
+        type=_positive_int,
+        default=1,
+        help="load-generator processes sharing the connections; counts are summed (1)",
+    )
+    p.add_argument(
+        "--client-loop",
+        choices=["auto", "asyncio", "uvloop"],
+        default="auto",
+        help="load-generator event loop",
+    )
+    p.add_argument("--path", default=None, help="WebSocket path (default: the workload's, /api/ws)")
+    p.add_argument("--ws", default="auto", help="uvicorn --ws for both servers (auto)")
+    p.add_argument("--loop", default="auto", help="uvicorn --loop for both servers (auto)")
+    p.add_argument("--http", default="auto", help="uvicorn --http for both servers (auto)")
+    p.add_argument(
+        "--lifespan", default="auto", choices=["auto", "on", "off"], help="uvicorn --lifespan (auto)"
+    )
+    p.add_argument(
+        "--ready-timeout", type=_positive_float, default=30.0, help="server start deadline, s (30)"
+    )
+    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write results as JSON here")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Build a :class:`Config` from :func:`build_parser`'s namespace."""
+    return Config(
+        target=args.target,
+        baseline=args.baseline,
+        concurrency=tuple(args.concurrency),
+        rounds=args.rounds,
+        duration=args.duration,
+        warmup=max(0.0, args.warmup),
+        clients_procs=args.clients_procs,
+        client_loop=args.client_loop,
+        path=args.path,
+        uvicorn=UvicornSettings(ws=args.ws, loop=args.loop, http=args.http, lifespan=args.lifespan),
+        ready_timeout=args.ready_timeout,
+    )
+
+
+def main(workload: Workload, description: str, argv: Sequence[str] | None = None) -> int:
+    """Entry point for a benchmark script: parse options, compare, print the table, write JSON."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(description).parse_args(argv)
+    config = config_from_args(args)
+    try:
+        results = compare(workload, config)
+    except (ServerError, LoadError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(format_table(workload, config, results))
+    if args.json is not None:
+        args.json.write_text(json.dumps(to_json(workload, config, results, argv), indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0

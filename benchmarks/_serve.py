@@ -1,0 +1,53 @@
+"""Child-process entry point: serve one ASGI app with uvicorn on an inherited, already-listening socket.
+
+Run as ``python -m benchmarks._serve --fd N APP_IMPORT_STRING [uvicorn options]`` by
+:class:`benchmarks._server.ServerProcess`. The parent binds and listens on ``127.0.0.1:0`` itself and
+passes the descriptor down, so there is no race between choosing a free port and binding it.
+
+The socket is wrapped with ``socket.socket(fileno=fd)`` (family auto-detected) and handed to
+``uvicorn.Server.run(sockets=...)``. uvicorn's own ``--fd`` option is deliberately not used: it wraps
+the descriptor as ``AF_UNIX``, which makes asyncio skip ``TCP_NODELAY`` on accepted TCP connections and
+would distort small-message latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+from collections.abc import Sequence
+
+import uvicorn
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the runner's command line."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("app", help="ASGI app import string, e.g. benchmarks.bare_echo:app")
+    parser.add_argument("--fd", type=int, required=True, help="inherited listening socket descriptor")
+    parser.add_argument("--ws", default="auto", help="uvicorn --ws implementation")
+    parser.add_argument("--loop", default="auto", help="uvicorn --loop implementation")
+    parser.add_argument("--http", default="auto", help="uvicorn --http implementation")
+    parser.add_argument("--lifespan", default="auto", choices=["auto", "on", "off"])
+    parser.add_argument("--log-level", default="warning")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Serve ``args.app`` until SIGTERM/SIGINT."""
+    args = parse_args(argv)
+    sock = socket.socket(fileno=args.fd)
+    config = uvicorn.Config(
+        args.app,
+        ws=args.ws,
+        loop=args.loop,
+        http=args.http,
+        lifespan=args.lifespan,
+        ws_per_message_deflate=False,
+        log_level=args.log_level,
+        access_log=False,
+    )
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+if __name__ == "__main__":
+    main()

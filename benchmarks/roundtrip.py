@@ -1,0 +1,22 @@
+"""Ping round trips per second: llmgine_ws vs a bare Starlette echo, side by side.
+
+Each connection runs a closed loop (send ``ping`` -> wait for its ``ping_res`` -> repeat); the table
+shows, per concurrency level, the median req/s of target and baseline over alternating rounds, the
+ratio of the medians and the range of per-round ratios. See benchmarks/README.md.
+
+    .venv/bin/python benchmarks/roundtrip.py --duration 3 --rounds 5 --concurrency 1 64
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._harness import main
+from benchmarks.workloads import PingWorkload
+
+if __name__ == "__main__":
+    sys.exit(main(PingWorkload(), description=__doc__ or ""))

@@ -1,0 +1,108 @@
+"""Concrete workloads for :mod:`benchmarks._loadgen`.
+
+Wire protocol (JSON text frames), shared by ``llmgine_ws`` and ``benchmarks.bare_echo``::
+
+    server -> {"type": "connected", "message_id": "...", "server_initiated": true,
+               "data": {"app_id": "...", "status": "connected"}}              (once, on connect)
+    client -> {"type": "ping", "message_id": "<n>", "data": {"timestamp": "..."}}
+    server -> {"type": "ping_res", "message_id": "<n>", "data": {"timestamp": "..."}}
+    server -> {"type": "server_ping", "message_id": "...", "data": {"timestamp": "..."}}   (any time)
+    client -> {"type": "server_pong", "message_id": "<same>", "data": {"timestamp": "<echo>"}}
+
+To add a workload (e.g. an engine stream measured in events/s, or a broadcast fan-out), subclass
+:class:`~benchmarks._loadgen.Workload` here, set ``name``/``unit``/``path``, implement ``run`` so it
+loops until ``ctx.window.over()`` and returns what completed while ``ctx.window.measuring()``, and
+call :func:`benchmarks._harness.main` with it from a small script (see ``roundtrip.py``).
+"""
+
+from __future__ import annotations
+
+import msgspec
+from websockets.asyncio.client import ClientConnection
+
+from benchmarks._loadgen import ConnContext, LoadError, Workload
+
+
+class Incoming(msgspec.Struct):
+    """Any server message: only the envelope is decoded; ``data`` stays raw until needed."""
+
+    type: str
+    message_id: str | None = None
+    data: msgspec.Raw = msgspec.Raw(b"null")
+
+
+class TimestampData(msgspec.Struct):
+    """``data`` of ``ping``, ``ping_res``, ``server_ping`` and ``server_pong``."""
+
+    timestamp: str | None = None
+
+
+class Outgoing(msgspec.Struct):
+    """A client message with a timestamp payload (``ping`` or ``server_pong``)."""
+
+    type: str
+    message_id: str
+    data: TimestampData
+
+
+_decode = msgspec.json.Decoder(Incoming).decode
+_decode_ts = msgspec.json.Decoder(TimestampData).decode
+_encode = msgspec.json.Encoder().encode
+
+
+async def answer_server_ping(ws: ClientConnection, msg: Incoming) -> None:
+    """Reply to a ``server_ping`` with a ``server_pong`` echoing its message_id and timestamp."""
+    ts = _decode_ts(msg.data) if bytes(msg.data) != b"null" else TimestampData()
+    pong = Outgoing("server_pong", msg.message_id or "", TimestampData(ts.timestamp))
+    await ws.send(_encode(pong), text=True)
+
+
+async def expect_connected(ws: ClientConnection) -> None:
+    """Read messages until the server's ``connected`` greeting (answering ``server_ping``s)."""
+    while True:
+        msg = _decode(await ws.recv(decode=False))
+        if msg.type == "connected":
+            return
+        if msg.type == "server_ping":
+            await answer_server_ping(ws, msg)
+
+
+class PingWorkload(Workload):
+    """Closed-loop ping round trips: send a ``ping``, wait for its ``ping_res``, repeat.
+
+    One operation = one completed round trip. Messages other than the matching reply are skipped
+    (``server_ping`` is answered). A reply of any other type with our message_id is an error, so a
+    server answering with errors is never mistaken for a fast one.
+    """
+
+    name = "ping"
+    unit = "req/s"
+    path = "/api/ws"
+
+    def __init__(self, timestamp: str = "2024-01-01T00:00:00Z") -> None:
+        self.timestamp = timestamp
+
+    async def on_connect(self, ws: ClientConnection, index: int) -> None:
+        await expect_connected(ws)
+
+    async def run(self, ws: ClientConnection, ctx: ConnContext) -> int:
+        window = ctx.window
+        data = TimestampData(self.timestamp)
+        seq = 0
+        completed = 0
+        while not window.over():
+            seq += 1
+            message_id = str(seq)
+            await ws.send(_encode(Outgoing("ping", message_id, data)), text=True)
+            while True:
+                raw = await ws.recv(decode=False)
+                msg = _decode(raw)
+                if msg.message_id == message_id and msg.type != "server_ping":
+                    break
+                if msg.type == "server_ping":
+                    await answer_server_ping(ws, msg)
+            if msg.type != "ping_res":
+                raise LoadError(f"unexpected reply to ping {message_id}: {bytes(raw)[:200]!r}")
+            if window.measuring():
+                completed += 1
+        return completed

@@ -1,0 +1,39 @@
+"""``create_app``: wire a config and extensions into a Starlette app."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from starlette.applications import Starlette
+from starlette.routing import BaseRoute, WebSocketRoute
+
+from .config import APIConfig
+from .endpoint import MessageEndpoint
+from .extensions import Extensions
+from .http import StatusRoutes
+from .messaging import MessagingAPI
+from .runtime import Runtime, get_runtime
+
+
+def create_app(config: APIConfig | None = None, extensions: Extensions | None = None) -> Starlette:
+    """Build the ASGI app: the WebSocket endpoint, the HTTP endpoints, and your extra routes.
+
+    ``config`` defaults to :meth:`APIConfig.from_env` (so a bad ``LLMGINE_API_*`` value fails here,
+    at startup). The app's state lives on ``app.state.llmgine`` (a :class:`Runtime`); mount the app
+    anywhere, but give its lifespan to the host app (``lifespan=app.router.lifespan_context``).
+    """
+    config = APIConfig.from_env() if config is None else config
+    runtime = Runtime(config, Extensions() if extensions is None else extensions)
+    routes: list[BaseRoute] = [
+        WebSocketRoute(config.ws_path, partial(MessageEndpoint, runtime=runtime)),
+        *StatusRoutes(runtime).routes(),
+        *runtime.extensions.routes,
+    ]
+    app = Starlette(debug=config.debug, routes=routes, lifespan=runtime.lifespan)
+    app.state.llmgine = runtime
+    return app
+
+
+def get_messaging_api(app: Starlette) -> MessagingAPI:
+    """The messaging API of an app made by :func:`create_app`."""
+    return get_runtime(app).messaging

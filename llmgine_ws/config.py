@@ -1,0 +1,135 @@
+"""Configuration: :class:`APIConfig`, built in code or read from ``LLMGINE_API_*`` variables."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+ENV_PREFIX = "LLMGINE_API_"
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the variable or field."""
+
+
+class APIConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Everything an app is configured with. Every field can be set as ``LLMGINE_API_<FIELD>``.
+
+    Values are checked when the config is built, so a bad value fails at startup, not later.
+    """
+
+    title: str = "LLMgine API"
+    version: str = "1.0.0"
+    host: str = "127.0.0.1"
+    """Interface the CLI binds to. Loopback by default; use ``0.0.0.0`` in a container."""
+    port: int = 8000
+    debug: bool = False
+
+    ws_path: str = "/api/ws"
+    """Path of the WebSocket endpoint inside the app."""
+
+    max_sessions: int = 100
+    """Sessions alive at once across all connections; past it ``SESSION_LIMIT_REACHED``."""
+    session_timeout: float = 3600.0
+    """Seconds a session may stay without interaction before the reaper closes it."""
+    session_reap_interval: float = 30.0
+    """How often the reaper looks for expired sessions (seconds)."""
+
+    server_request_timeout: float = 30.0
+    """Default timeout of ``send_to_app_and_wait`` (seconds)."""
+    max_pending_requests: int = 32
+    """Server requests one app may have waiting for an answer; past it ``PendingRequestLimit``."""
+    ping_interval: float = 20.0
+    """Seconds between ``server_ping`` messages to each connection; 0 turns liveness checks off."""
+    missed_pongs: int = 2
+    """Unanswered ``server_ping`` messages after which a connection is closed (1011)."""
+
+    outbound_queue_size: int = 256
+    """Frames that may wait for a connection's writer. Memory per connection is bounded by
+    ``outbound_queue_size × max_message_size``."""
+    send_grace: float = 5.0
+    """How long a send may wait for room in a full outbound queue before the connection is closed
+    with 1013 (a client that stopped reading must not hold anyone else up)."""
+    max_inflight_requests: int = 64
+    """Requests one connection may have being handled at once; past it ``TOO_MANY_REQUESTS``."""
+    max_message_size: int = 1024 * 1024
+    """Largest frame accepted from a client (bytes); a larger one closes the connection with 1009."""
+
+    engine_start_timeout: float = 30.0
+    """Deadline for an engine's factory and ``start()`` (seconds); past it ``ENGINE_CREATION_FAILED``."""
+    engine_stop_timeout: float = 5.0
+    """Deadline for an engine's ``stop()`` on every path that ends it (seconds)."""
+    engine_idle_timeout: float = 900.0
+    """Seconds an engine may sit with no command before it is stopped."""
+    callback_timeout: float = 10.0
+    """Deadline for each connection/session callback (seconds); a slow one is abandoned and logged."""
+
+    shutdown_timeout: float = 10.0
+    """Upper bound on how long shutdown waits for connections to finish closing (seconds)."""
+
+    custom: dict[str, Any] = msgspec.field(default_factory=dict)
+    """Free-form settings for your extensions (``LLMGINE_API_CUSTOM`` takes a JSON object)."""
+
+    def __post_init__(self) -> None:
+        for name in ("port", "max_sessions", "missed_pongs", "outbound_queue_size", "max_inflight_requests",
+                     "max_message_size", "max_pending_requests"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+        if self.port > 65535:
+            raise ValueError("port must be <= 65535")
+        for name in ("session_timeout", "session_reap_interval", "server_request_timeout", "send_grace",
+                     "shutdown_timeout", "engine_start_timeout", "engine_stop_timeout", "engine_idle_timeout",
+                     "callback_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0")
+        if self.ping_interval < 0:
+            raise ValueError("ping_interval must be >= 0 (0 disables server pings)")
+        if not self.ws_path.startswith("/"):
+            raise ValueError("ws_path must start with '/'")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> APIConfig:
+        """Build a config from ``LLMGINE_API_*`` variables (and keyword overrides, which win).
+
+        Raises :class:`ConfigError` naming the variable when a value is invalid.
+        """
+        environ = os.environ if environ is None else environ
+        raw: dict[str, Any] = {}
+        for name in cls.__struct_fields__:
+            value = environ.get(ENV_PREFIX + name.upper())
+            if value is None:
+                continue
+            if name == "custom":
+                try:
+                    raw[name] = msgspec.json.decode(value)
+                except msgspec.DecodeError as exc:
+                    raise ConfigError(f"{ENV_PREFIX}CUSTOM must be a JSON object: {exc}") from None
+            else:
+                raw[name] = value
+        sources = {name: f"{ENV_PREFIX}{name.upper()}={raw[name]!r}" for name in raw}
+        raw.update(overrides)
+        sources.update({name: f"{name}={value!r}" for name, value in overrides.items()})
+        return cls._build(raw, sources)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> APIConfig:
+        """Build a config from a mapping (e.g. parsed from a file); raises :class:`ConfigError`."""
+        return cls._build(dict(values), {name: f"{name}={value!r}" for name, value in values.items()})
+
+    @classmethod
+    def _build(cls, raw: dict[str, Any], sources: dict[str, str]) -> APIConfig:
+        try:
+            return msgspec.convert(raw, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(_describe(str(exc), sources)) from None
+
+
+def _describe(error: str, sources: dict[str, str]) -> str:
+    """Name the variable behind a validation error (msgspec reports ``$.field`` paths or a message)."""
+    for name, source in sources.items():
+        if f"`$.{name}`" in error or error.startswith(f"{name} ") or f"field `{name}`" in error:
+            return f"invalid configuration {source}: {error}"
+    return f"invalid configuration: {error}"

@@ -1,0 +1,213 @@
+"""One live WebSocket connection: its identity, outbound queue and pending server requests.
+
+Frames reach the socket only through the connection's bounded outbound stream, drained by a single
+writer task (see :mod:`llmgine_ws.endpoint`), so no two tasks ever write to the socket at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from datetime import datetime
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from starlette.websockets import WebSocket
+
+from .errors import AppDisconnected
+from .protocol import utcnow
+
+logger = logging.getLogger("llmgine_ws.connection")
+
+WS_NORMAL = 1000
+WS_GOING_AWAY = 1001
+WS_POLICY_VIOLATION = 1008
+WS_MESSAGE_TOO_BIG = 1009
+WS_INTERNAL_ERROR = 1011
+WS_TRY_AGAIN_LATER = 1013
+
+
+class CloseRequest:
+    """Queued behind earlier frames when a close should flush them first."""
+
+    __slots__ = ("code", "reason")
+
+    def __init__(self, code: int, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+
+
+OutboundItem = str | CloseRequest
+
+
+class PendingRequest:
+    """A server request waiting for the client's ``server_response``."""
+
+    __slots__ = ("_done", "_error", "_response", "app_id", "message_id", "sent_at")
+
+    def __init__(self, app_id: str, message_id: str) -> None:
+        self.app_id = app_id
+        self.message_id = message_id
+        self.sent_at = time.monotonic()
+        self._done = anyio.Event()
+        self._response: dict[str, Any] | None = None
+        self._error: BaseException | None = None
+
+    def resolve(self, data: dict[str, Any]) -> None:
+        """Deliver the client's answer (first outcome wins)."""
+        if not self._done.is_set():
+            self._response = data
+            self._done.set()
+
+    def fail(self, error: BaseException) -> None:
+        """Fail the waiter with ``error`` (first outcome wins)."""
+        if not self._done.is_set():
+            self._error = error
+            self._done.set()
+
+    async def wait(self) -> dict[str, Any]:
+        """Wait for the outcome; raises what :meth:`fail` was given."""
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._response is not None
+        return self._response
+
+
+class Connection:
+    """Everything the server knows about one connected app."""
+
+    def __init__(
+        self,
+        app_id: str,
+        websocket: WebSocket,
+        *,
+        queue_size: int,
+        send_grace: float,
+        principal: Any = None,
+    ) -> None:
+        self.app_id = app_id
+        self.websocket = websocket
+        self.principal = principal
+        """Who authenticated this connection (``None`` without an authenticator)."""
+        self.connected_at: datetime = utcnow()
+        self.last_activity: float = time.monotonic()
+        self.session_ids: set[str] = set()
+        self.pending: dict[str, PendingRequest] = {}
+        """Server requests sent to this app and waiting for its ``server_response``, by message_id."""
+        self.in_flight: dict[str, anyio.CancelScope] = {}
+        """Client requests being handled right now, by message_id (their handlers' cancel scopes)."""
+        self.unanswered_pings: dict[str, float] = {}
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.closing = False
+        self.closed = anyio.Event()
+        """Set once the connection has been cleaned up and forgotten by the hub."""
+        self._send_grace = send_grace
+        self._outbox: MemoryObjectSendStream[OutboundItem]
+        self.outbox: MemoryObjectReceiveStream[OutboundItem]
+        self._outbox, self.outbox = anyio.create_memory_object_stream[OutboundItem](queue_size)
+        self._task_group: TaskGroup | None = None
+
+    @property
+    def client_address(self) -> str | None:
+        """The peer's address as seen by the server (``host:port``)."""
+        client = self.websocket.client
+        return f"{client.host}:{client.port}" if client else None
+
+    def attach(self, task_group: TaskGroup) -> None:
+        """Bind the task group that runs this connection's writer, handlers and timers."""
+        self._task_group = task_group
+
+    def spawn(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> bool:
+        """Run ``func(*args)`` in this connection's task group; False if the connection is gone.
+
+        Whatever runs here is cancelled when the connection closes, so it can never outlive it.
+        """
+        if self._task_group is None or self.closing:
+            return False
+        self._task_group.start_soon(func, *args)
+        return True
+
+    def send_nowait(self, frame: str) -> bool:
+        """Queue a frame without waiting; False if the queue is full or the connection is closing."""
+        if self.closing:
+            return False
+        try:
+            self._outbox.send_nowait(frame)
+        except anyio.WouldBlock:
+            return False
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            return False
+        return True
+
+    async def send(self, frame: str) -> None:
+        """Queue a frame, waiting up to ``send_grace`` for room.
+
+        A client that stays too slow past the grace period is disconnected (1013) rather than
+        allowed to lose frames silently. Raises :class:`AppDisconnected` if the frame cannot be queued.
+        """
+        if self.closing:
+            raise AppDisconnected(self.app_id)
+        try:
+            self._outbox.send_nowait(frame)
+            return
+        except anyio.WouldBlock:
+            pass
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            raise AppDisconnected(self.app_id) from None
+        with anyio.move_on_after(self._send_grace):
+            try:
+                await self._outbox.send(frame)
+                return
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                raise AppDisconnected(self.app_id) from None
+        logger.warning("closing %s: outbound queue full for %.1fs (client not reading)", self.app_id,
+                       self._send_grace, extra={"app_id": self.app_id})
+        self.close(WS_TRY_AGAIN_LATER, "outbound queue full: client too slow")
+        raise AppDisconnected(self.app_id)
+
+    def send_soon(self, frame: str) -> None:
+        """Queue a frame from code that must not wait (the reader): right away if there is room,
+        else from a task that waits like :meth:`send`."""
+        if not self.send_nowait(frame):
+            self.spawn(self._send_quietly, frame)
+
+    async def _send_quietly(self, frame: str) -> None:
+        try:
+            await self.send(frame)
+        except AppDisconnected:
+            pass  # closed for being too slow (logged in send) or already going away
+
+    def close(self, code: int = WS_NORMAL, reason: str = "", *, flush: bool = False) -> None:
+        """Ask for this connection to be closed with ``code``.
+
+        With ``flush`` the close happens after the frames already queued are written (when they fit);
+        otherwise the connection's tasks are cancelled right away. Idempotent.
+        """
+        if self.close_code is None:
+            self.close_code, self.close_reason = code, reason
+        if flush and not self.closing:
+            try:
+                self._outbox.send_nowait(CloseRequest(code, reason))
+                self.closing = True
+                return
+            except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
+                pass
+        self.closing = True
+        if self._task_group is not None:
+            self._task_group.cancel_scope.cancel()
+
+    def fail_pending(self, error_factory: Callable[[str, str], Exception]) -> int:
+        """Fail every pending server request (each waiter gets its own exception); returns the count."""
+        pending = list(self.pending.values())
+        self.pending.clear()
+        for request in pending:
+            request.fail(error_factory(self.app_id, request.message_id))
+        return len(pending)
+
+    def __repr__(self) -> str:
+        return f"Connection({self.app_id!r})"

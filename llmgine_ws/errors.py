@@ -1,0 +1,118 @@
+"""Error codes and exceptions.
+
+Two families live here:
+
+* :class:`ErrorCode` and :class:`ProtocolError` — what a *client* sees. A handler raises
+  ``ProtocolError(ErrorCode.SESSION_NOT_FOUND, "...")`` and the endpoint answers the request with an
+  ``error`` envelope carrying that code; any other exception becomes ``INTERNAL_ERROR`` (the
+  traceback goes to the log, never to the client).
+* :class:`MessagingError` and its subclasses — what *server-side* code calling the messaging API
+  sees (``AppNotConnected``, ``AppDisconnected``, ...).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+
+class ErrorCode(enum.StrEnum):
+    """Codes carried in ``error`` envelopes (``data.code``)."""
+
+    # The seed protocol's codes.
+    SESSION_NOT_FOUND = "SESSION_NOT_FOUND"
+    ENGINE_NOT_FOUND = "ENGINE_NOT_FOUND"
+    INVALID_ENGINE_TYPE = "INVALID_ENGINE_TYPE"
+    ENGINE_CREATION_FAILED = "ENGINE_CREATION_FAILED"
+    INVALID_MESSAGE_TYPE = "INVALID_MESSAGE_TYPE"
+    INVALID_JSON = "INVALID_JSON"
+    VALIDATION_ERROR = "VALIDATION_ERROR"
+    WEBSOCKET_ERROR = "WEBSOCKET_ERROR"
+    # Ours, where they say more than the seed's.
+    FORBIDDEN = "FORBIDDEN"
+    SESSION_LIMIT_REACHED = "SESSION_LIMIT_REACHED"
+    UNKNOWN_REQUEST = "UNKNOWN_REQUEST"
+    DUPLICATE_MESSAGE_ID = "DUPLICATE_MESSAGE_ID"
+    TOO_MANY_REQUESTS = "TOO_MANY_REQUESTS"
+    ENGINE_EXISTS = "ENGINE_EXISTS"
+    ENGINE_BUSY = "ENGINE_BUSY"
+    RATE_LIMITED = "RATE_LIMITED"
+    SHUTTING_DOWN = "SHUTTING_DOWN"
+    CANCELLED = "CANCELLED"
+    INTERNAL_ERROR = "INTERNAL_ERROR"
+
+
+class ProtocolError(Exception):
+    """Raise from a handler to answer the request with an ``error`` envelope.
+
+    ``details`` must be JSON-serialisable; it is sent to the client as is, so never put secrets,
+    tracebacks or other apps' data in it.
+    """
+
+    def __init__(self, code: ErrorCode | str, message: str, details: Any = None) -> None:
+        super().__init__(message)
+        self.code = str(code)
+        self.message = message
+        self.details = details
+
+    def __repr__(self) -> str:
+        return f"ProtocolError({self.code!r}, {self.message!r}, details={self.details!r})"
+
+
+class MessagingError(Exception):
+    """Base class of the errors raised by the server-side messaging API."""
+
+
+class AppNotConnected(MessagingError):
+    """The target app is not connected (anywhere this server can reach)."""
+
+    def __init__(self, app_id: str) -> None:
+        super().__init__(f"app {app_id!r} is not connected")
+        self.app_id = app_id
+
+
+class SessionNotFound(MessagingError):
+    """The target session does not exist (or has expired)."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"session {session_id!r} not found")
+        self.session_id = session_id
+
+
+class AppDisconnected(MessagingError):
+    """The app disconnected while a server request to it was waiting for its answer."""
+
+    def __init__(self, app_id: str, message_id: str | None = None) -> None:
+        detail = f" while request {message_id!r} was pending" if message_id else ""
+        super().__init__(f"app {app_id!r} disconnected{detail}")
+        self.app_id = app_id
+        self.message_id = message_id
+
+
+class ServerShuttingDown(MessagingError):
+    """The server is shutting down; the operation was abandoned."""
+
+    def __init__(self, app_id: str | None = None, message_id: str | None = None) -> None:
+        super().__init__("the server is shutting down")
+        self.app_id = app_id
+        self.message_id = message_id
+
+
+class PendingRequestLimit(MessagingError):
+    """The app already has the maximum number of server requests waiting for an answer."""
+
+    def __init__(self, app_id: str, limit: int) -> None:
+        super().__init__(f"app {app_id!r} already has {limit} server requests pending")
+        self.app_id = app_id
+        self.limit = limit
+
+
+class ServerRequestFailed(MessagingError):
+    """The client answered a server request with an error (``data.error`` in its ``server_response``)."""
+
+    def __init__(self, app_id: str, message_id: str, error: Any, data: dict[str, Any]) -> None:
+        super().__init__(f"app {app_id!r} answered request {message_id!r} with an error: {error}")
+        self.app_id = app_id
+        self.message_id = message_id
+        self.error = error
+        self.data = data

@@ -1,0 +1,171 @@
+"""The server-side messaging API: what your backend code uses to reach connected apps."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import msgspec
+from anyio.from_thread import BlockingPortal
+
+from .errors import ServerRequestFailed, SessionNotFound
+from .protocol import FrameEncoder, new_message_id
+from .routing import Router
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+logger = logging.getLogger("llmgine_ws.messaging")
+
+T = TypeVar("T")
+
+
+class ServerResponse(msgspec.Struct, frozen=True):
+    """A client's answer to a server request: ``data`` is the ``server_response`` payload."""
+
+    type: str
+    message_id: str
+    app_id: str
+    data: dict[str, Any]
+
+
+class MessagingAPI:
+    """Send to apps, sessions and everyone; ask an app and await its answer.
+
+    Every method is a coroutine on the server's event loop. From a worker thread use
+    :attr:`blocking` (a blocking twin of this API) or ``anyio.from_thread.run(api.send_to_app, ...)``
+    from a thread started by ``anyio.to_thread.run_sync``.
+
+    Payloads (``data``) may be msgspec structs or mappings; they are encoded once per call.
+    """
+
+    def __init__(self, router: Router, encoder: FrameEncoder, *, default_timeout: float) -> None:
+        self._router = router
+        self._encoder = encoder
+        self._default_timeout = default_timeout
+        self._portal: BlockingPortal | None = None
+
+    async def send_to_app(self, app_id: str, message_type: str, data: Any = None) -> None:
+        """Send a server-initiated message (``server_initiated: true``) to one app.
+
+        Raises ``AppNotConnected`` when the app is not connected.
+        """
+        frame = self._encoder.frame(message_type, new_message_id(), _payload(data), server_initiated=True)
+        await self._router.send_to_app(app_id, frame)
+
+    async def send_to_session(self, session_id: str, message_type: str, data: Any = None) -> None:
+        """Send a message to the app that owns ``session_id``.
+
+        A mapping payload gains ``session_id`` (unless it has one) so the frontend knows which session
+        it concerns. Raises ``SessionNotFound`` for an unknown session.
+        """
+        app_id = self._router.session_owner(session_id)
+        if app_id is None:
+            raise SessionNotFound(session_id)
+        payload = _payload(data)
+        if isinstance(payload, Mapping) and "session_id" not in payload:
+            payload = {**payload, "session_id": session_id}
+        await self.send_to_app(app_id, message_type, payload)
+
+    async def send_to_app_and_wait(
+        self,
+        app_id: str,
+        message_type: str = "server_request",
+        data: Any = None,
+        timeout: float | None = None,
+    ) -> ServerResponse:
+        """Send a request to an app and wait for its ``server_response``.
+
+        Raises ``TimeoutError`` after ``timeout`` seconds (default: ``server_request_timeout``),
+        ``AppNotConnected`` if the app is not connected, ``AppDisconnected`` as soon as it
+        disconnects while the request is pending, and ``ServerRequestFailed`` when the client
+        answers with an ``error`` field.
+        """
+        message_id = new_message_id()
+        frame = self._encoder.frame(message_type, message_id, _payload(data), server_initiated=True)
+        answer = await self._router.request(
+            app_id, message_id, frame, self._default_timeout if timeout is None else timeout
+        )
+        if answer.get("error") is not None:
+            raise ServerRequestFailed(app_id, message_id, answer["error"], answer)
+        return ServerResponse(type="server_response", message_id=message_id, app_id=app_id, data=answer)
+
+    async def broadcast(self, message_type: str, data: Any = None, exclude_apps: Collection[str] | None = None) -> int:
+        """Send a message to every connected app except ``exclude_apps``; returns how many it reached.
+
+        Never waits on a slow client: one that cannot keep up is closed (1013) rather than allowed
+        to hold the others up.
+        """
+        frame = self._encoder.frame(message_type, new_message_id(), _payload(data), server_initiated=True)
+        return await self._router.broadcast(frame, frozenset(exclude_apps or ()))
+
+    def get_connected_apps(self) -> list[str]:
+        """Every connected app_id."""
+        return self._router.connected_apps()
+
+    def is_app_connected(self, app_id: str) -> bool:
+        """Whether ``app_id`` is connected."""
+        return self._router.is_app_connected(app_id)
+
+    def get_app_sessions(self, app_id: str) -> list[str]:
+        """Session ids owned by ``app_id`` (empty if it is not connected)."""
+        return self._router.app_sessions(app_id)
+
+    @property
+    def blocking(self) -> BlockingMessagingAPI:
+        """This API for code running in a worker thread (any thread but the event loop's).
+
+        Available while the app's lifespan is running. Each call blocks its thread until done.
+        """
+        if self._portal is None:
+            raise RuntimeError("the blocking messaging API needs the app's lifespan to be running")
+        return BlockingMessagingAPI(self, self._portal)
+
+    def _bind_portal(self, portal: BlockingPortal | None) -> None:
+        self._portal = portal
+
+
+class BlockingMessagingAPI:
+    """A blocking twin of :class:`MessagingAPI` for worker threads, running calls through a portal."""
+
+    def __init__(self, api: MessagingAPI, portal: BlockingPortal) -> None:
+        self._api = api
+        self._portal = portal
+
+    def _call(self, func: Callable[..., Awaitable[T]], *args: Any) -> T:
+        return self._portal.call(func, *args)
+
+    def send_to_app(self, app_id: str, message_type: str, data: Any = None) -> None:
+        """Blocking :meth:`MessagingAPI.send_to_app`."""
+        self._call(self._api.send_to_app, app_id, message_type, data)
+
+    def send_to_session(self, session_id: str, message_type: str, data: Any = None) -> None:
+        """Blocking :meth:`MessagingAPI.send_to_session`."""
+        self._call(self._api.send_to_session, session_id, message_type, data)
+
+    def send_to_app_and_wait(
+        self, app_id: str, message_type: str = "server_request", data: Any = None, timeout: float | None = None
+    ) -> ServerResponse:
+        """Blocking :meth:`MessagingAPI.send_to_app_and_wait`."""
+        return self._call(self._api.send_to_app_and_wait, app_id, message_type, data, timeout)
+
+    def broadcast(self, message_type: str, data: Any = None, exclude_apps: Collection[str] | None = None) -> int:
+        """Blocking :meth:`MessagingAPI.broadcast`."""
+        return self._call(self._api.broadcast, message_type, data, exclude_apps)
+
+    def get_connected_apps(self) -> list[str]:
+        """Blocking :meth:`MessagingAPI.get_connected_apps` (run on the loop, so it sees a consistent view)."""
+        return self._portal.call(self._api.get_connected_apps)
+
+    def is_app_connected(self, app_id: str) -> bool:
+        """Blocking :meth:`MessagingAPI.is_app_connected`."""
+        return self._portal.call(self._api.is_app_connected, app_id)
+
+    def get_app_sessions(self, app_id: str) -> list[str]:
+        """Blocking :meth:`MessagingAPI.get_app_sessions`."""
+        return self._portal.call(self._api.get_app_sessions, app_id)
+
+
+def _payload(data: Any) -> Any:
+    return {} if data is None else data

@@ -1,0 +1,101 @@
+"""Sessions: what a connection creates to hold a conversation (and, optionally, its engine)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from .errors import ErrorCode, ProtocolError
+from .protocol import utcnow
+
+if TYPE_CHECKING:
+    from .engines import EngineHandle
+
+
+class Session:
+    """One session, owned by exactly one app (connection)."""
+
+    __slots__ = ("_touched", "app_id", "created_at", "engine", "last_interaction_at", "session_id", "state")
+
+    def __init__(self, session_id: str, app_id: str) -> None:
+        self.session_id = session_id
+        self.app_id = app_id
+        self.created_at: datetime = utcnow()
+        self.last_interaction_at: datetime = self.created_at
+        self._touched = time.monotonic()
+        self.engine: EngineHandle | None = None
+        self.state: dict[str, Any] = {}
+        """Free space for your handlers' per-session data."""
+
+    @property
+    def status(self) -> str:
+        """``active`` while the session exists (a destroyed session is gone from the store)."""
+        return "active"
+
+    def touch(self) -> None:
+        """Record an interaction (resets the idle-expiry clock)."""
+        self.last_interaction_at = utcnow()
+        self._touched = time.monotonic()
+
+    def idle_for(self, now: float | None = None) -> float:
+        """Seconds since the last interaction."""
+        return (time.monotonic() if now is None else now) - self._touched
+
+    def __repr__(self) -> str:
+        return f"Session({self.session_id!r}, app_id={self.app_id!r})"
+
+
+class SessionStore:
+    """All sessions of one app instance, with the global session limit.
+
+    Ownership is enforced here: :meth:`get_owned` answers another app's session exactly like a
+    missing one, so session ids cannot be probed.
+    """
+
+    def __init__(self, max_sessions: int) -> None:
+        self.max_sessions = max_sessions
+        self._sessions: dict[str, Session] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __iter__(self) -> Any:
+        return iter(list(self._sessions.values()))
+
+    def create(self, app_id: str) -> Session:
+        """Create a session for ``app_id``; ``SESSION_LIMIT_REACHED`` past the limit."""
+        if len(self._sessions) >= self.max_sessions:
+            raise ProtocolError(
+                ErrorCode.SESSION_LIMIT_REACHED,
+                f"the server has reached its limit of {self.max_sessions} sessions",
+                {"max_sessions": self.max_sessions},
+            )
+        session = Session(str(uuid.uuid4()), app_id)
+        self._sessions[session.session_id] = session
+        return session
+
+    def get(self, session_id: str) -> Session | None:
+        """The session with this id, whoever owns it (server-side use only)."""
+        return self._sessions.get(session_id)
+
+    def get_owned(self, session_id: str, app_id: str) -> Session:
+        """The session if ``app_id`` owns it, else ``SESSION_NOT_FOUND`` (also for other apps' ids)."""
+        session = self._sessions.get(session_id)
+        if session is None or session.app_id != app_id:
+            raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, "session not found", {"session_id": session_id})
+        return session
+
+    def remove(self, session_id: str) -> Session | None:
+        """Forget a session; returns it, or None if it was already gone."""
+        return self._sessions.pop(session_id, None)
+
+    def expired(self, timeout: float) -> list[Session]:
+        """Sessions idle for longer than ``timeout`` seconds."""
+        now = time.monotonic()
+        return [s for s in self._sessions.values() if s.idle_for(now) > timeout]
+
+    def engine_count(self) -> int:
+        """Sessions that currently have an engine."""
+        return sum(1 for s in self._sessions.values() if s.engine is not None)
