@@ -23,17 +23,21 @@ import os
 import platform
 import statistics
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks._cpu import SystemCpu
 from benchmarks._loadgen import LoadError, LoadGenerator, Measurement, Workload
 from benchmarks._server import ServerError, ServerProcess, UvicornSettings
 
 #: Above this CPU fraction (of one core) the busiest load-generator process is probably the
 #: bottleneck, which compresses the ratio toward 1.
 LOADGEN_SATURATED = 0.90
+#: Above this CPU fraction (of one core) used by *other* processes during a window, the machine was
+#: busy with something else and that level's numbers deserve a re-run.
+OTHER_NOISY = 0.25
 
 Log = Callable[[str], None]
 
@@ -58,6 +62,8 @@ class Config:
     """WebSocket path; ``None`` means the workload's own ``path``."""
     uvicorn: UvicornSettings = field(default_factory=UvicornSettings)
     ready_timeout: float = 30.0
+    pin: bool = False
+    """Pin servers to the last allowed CPU and the load generator(s) to the others."""
 
 
 @dataclass(frozen=True)
@@ -101,46 +107,78 @@ class LevelResult:
         ratios = [r.ratio for r in self.rounds]
         return min(ratios), max(ratios)
 
+    def measurements(self, side: str | None = None) -> list[Measurement]:
+        """All measurements of ``side`` (``"target"``/``"baseline"``), or of both."""
+        sides = (side,) if side else ("target", "baseline")
+        return [getattr(r, s) for r in self.rounds for s in sides]
+
     def server_cpu(self, side: str) -> float:
         """Median CPU use of ``side``'s server process during its windows (fraction of a core)."""
-        return _median_finite(
-            getattr(r, side).probe_cpu[0] for r in self.rounds if getattr(r, side).probe_cpu
-        )
+        return _median_finite(m.probe_cpu.get("server", math.nan) for m in self.measurements(side))
 
     @property
     def loadgen_cpu(self) -> float:
         """Highest CPU use of the busiest load-generator process over all measurements."""
-        return max(max(r.target.loadgen_cpu, r.baseline.loadgen_cpu) for r in self.rounds)
+        return max(m.loadgen_cpu for m in self.measurements())
+
+    @property
+    def other_cpu(self) -> float:
+        """Highest CPU use by processes outside the benchmark during any window of this level."""
+        return _max_finite(other_cpu(m) for m in self.measurements())
 
 
-def _median_finite(values: Any) -> float:
-    finite = [v for v in values if not math.isnan(v)]
+def other_cpu(m: Measurement) -> float:
+    """CPU used during the window by everything except the server and the load generator(s):
+    machine-wide busy time minus theirs (fraction of one core; NaN when unavailable)."""
+    system, server = m.probe_cpu.get("system", math.nan), m.probe_cpu.get("server", math.nan)
+    return max(0.0, system - server - m.loadgen_cpu_total)
+
+
+def _finite(values: Iterable[float]) -> list[float]:
+    return [v for v in values if not math.isnan(v)]
+
+
+def _median_finite(values: Iterable[float]) -> float:
+    finite = _finite(values)
     return statistics.median(finite) if finite else math.nan
+
+
+def _max_finite(values: Iterable[float]) -> float:
+    finite = _finite(values)
+    return max(finite) if finite else math.nan
 
 
 # -- running ---------------------------------------------------------------------------------------
 
 
+def cpu_split() -> tuple[frozenset[int], frozenset[int]]:
+    """For ``--pin``: (server CPUs, load-generator CPUs) = (the last allowed CPU, all the others)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        raise ServerError(f"--pin needs at least 2 CPUs, this process may use {allowed}")
+    return frozenset(allowed[-1:]), frozenset(allowed[:-1])
+
+
 def compare(workload: Workload, config: Config, log: Log = _stderr_log) -> list[LevelResult]:
     """Run ``workload`` against ``config.target`` and ``config.baseline``, alternating, per level."""
     path = config.path or workload.path
+    server_cpus, loadgen_cpus = cpu_split() if config.pin else (None, None)
     servers = {
-        "target": ServerProcess(
-            config.target, config.uvicorn, label="target", ready_path=path, ready_timeout=config.ready_timeout
-        ),
-        "baseline": ServerProcess(
-            config.baseline,
+        side: ServerProcess(
+            app,
             config.uvicorn,
-            label="baseline",
+            label=side,
             ready_path=path,
             ready_timeout=config.ready_timeout,
-        ),
+            cpus=server_cpus,
+        )
+        for side, app in (("target", config.target), ("baseline", config.baseline))
     }
     results: list[LevelResult] = []
     with (
         servers["target"],
         servers["baseline"],
-        LoadGenerator(config.clients_procs, config.client_loop) as loadgen,
+        LoadGenerator(config.clients_procs, config.client_loop, loadgen_cpus) as loadgen,
     ):
         for conc in config.concurrency:
             rounds: list[Round] = []
@@ -156,14 +194,14 @@ def compare(workload: Workload, config: Config, log: Log = _stderr_log) -> list[
                         conc,
                         warmup=config.warmup,
                         duration=config.duration,
-                        probes=(server.cpu_probe(),),
+                        probes={"server": server.cpu_probe(), "system": SystemCpu()},
                     )
                     server.check_alive()
                     got[side] = m
                     log(
                         f"  c={conc:<4} round {i + 1}/{config.rounds} {side:<8} "
-                        f"{m.rate:>11,.1f} {workload.unit}  server CPU {_pct(m.probe_cpu[0])}  "
-                        f"loadgen CPU {_pct(m.loadgen_cpu)}"
+                        f"{m.rate:>11,.1f} {workload.unit}  CPU: server {_pct(m.probe_cpu['server']):>4} "
+                        f"loadgen {_pct(m.loadgen_cpu):>4} other {_pct(other_cpu(m)):>4}"
                     )
                 rounds.append(Round(i, order, got["target"], got["baseline"]))
             level = LevelResult(conc, tuple(rounds))
@@ -177,41 +215,67 @@ def compare(workload: Workload, config: Config, log: Log = _stderr_log) -> list[
 
 
 def _pct(x: float) -> str:
-    return "  n/a" if math.isnan(x) else f"{x * 100:4.0f}%"
+    return "n/a" if math.isnan(x) else f"{x * 100:.0f}%"
 
 
 def format_table(workload: Workload, config: Config, results: Sequence[LevelResult]) -> str:
-    """The human-readable summary table."""
+    """The human-readable summary table (CPU figures are fractions of one core)."""
     unit = workload.unit
+    header = (
+        "conc",
+        f"target {unit}",
+        f"baseline {unit}",
+        "ratio",
+        "round ratios",
+        "server CPU T/B",
+        "loadgen CPU",
+        "other CPU",
+        "",
+    )
+    rows: list[tuple[str, ...]] = [header]
+    notes: dict[str, str] = {}
+    for lv in results:
+        lo, hi = lv.ratio_range
+        flags = ""
+        if lv.loadgen_cpu >= LOADGEN_SATURATED:
+            flags += "!"
+            notes["!"] = (
+                f"! the busiest load-generator process used >= {LOADGEN_SATURATED:.0%} of a core: the client "
+                "may be the bottleneck, which pulls the ratio toward 1 (try --clients-procs; see README)."
+            )
+        if lv.other_cpu >= OTHER_NOISY:
+            flags += "~"
+            notes["~"] = (
+                f"~ other processes used >= {OTHER_NOISY:.0%} of a core during some window at this level: "
+                "the machine was busy; compare the round ratios, or re-run."
+            )
+        rows.append(
+            (
+                str(lv.concurrency),
+                f"{lv.target_median:,.1f}",
+                f"{lv.baseline_median:,.1f}",
+                f"{lv.ratio:.3f}",
+                f"{lo:.3f}-{hi:.3f}",
+                f"{_pct(lv.server_cpu('target'))}/{_pct(lv.server_cpu('baseline'))}",
+                _pct(lv.loadgen_cpu),
+                _pct(lv.other_cpu),
+                flags,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    table = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     lines = [
         f"{workload.name}: {unit}, median of {config.rounds} rounds x {config.duration:g} s "
         f"(warmup {config.warmup:g} s), {config.clients_procs} load-generator process(es)",
         f"  target   = {config.target}",
         f"  baseline = {config.baseline}",
-        "  ratio    = target median / baseline median (>1: target faster)",
+        "  ratio    = target median / baseline median (>1: target faster); round ratios = min-max per round",
+        "  CPU      = % of one core during the window: server medians, loadgen/other maxima",
         "",
-        f"{'conc':>5}  {'target ' + unit:>16}  {'baseline ' + unit:>18}  {'ratio':>6}  "
-        f"{'round ratios':>13}  {'srv CPU T/B':>11}  {'loadgen CPU':>11}",
+        *table,
     ]
-    saturated = False
-    for lv in results:
-        lo, hi = lv.ratio_range
-        flag = ""
-        if lv.loadgen_cpu >= LOADGEN_SATURATED:
-            flag, saturated = " !", True
-        cpu_t, cpu_b = _pct(lv.server_cpu("target")), _pct(lv.server_cpu("baseline"))
-        gen = _pct(lv.loadgen_cpu)
-        lines.append(
-            f"{lv.concurrency:>5}  {lv.target_median:>16,.1f}  {lv.baseline_median:>18,.1f}  "
-            f"{lv.ratio:>6.3f}  {lo:>6.3f}-{hi:<6.3f}  {cpu_t:>5}/{cpu_b:<5}  {gen:>11}{flag}"
-        )
-    if saturated:
-        lines += [
-            "",
-            f"! a load-generator process reached >= {LOADGEN_SATURATED:.0%} of a core: the client, not the "
-            "server, may be the bottleneck, which pulls the ratio toward 1. Try --clients-procs 2 "
-            "(on a 2-core machine the generators then compete with the server for CPU; see README).",
-        ]
+    if notes:
+        lines += ["", *notes.values()]
     return "\n".join(lines)
 
 
@@ -232,18 +296,20 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def to_json(
-    workload: Workload, config: Config, results: Sequence[LevelResult], argv: Sequence[str]
-) -> dict[str, Any]:
+def to_json(workload: Workload, config: Config, results: Sequence[LevelResult], argv: Sequence[str]) -> dict[str, Any]:
     """A JSON-serialisable record of the run: environment, settings, summary and every round."""
 
     def meas(m: Measurement) -> dict[str, Any]:
-        cpu = m.probe_cpu[0] if m.probe_cpu else math.nan
+        def num(x: float) -> float | None:
+            return None if math.isnan(x) else x
+
         return {
             "ops": m.ops,
             "rate": m.rate,
-            "server_cpu": None if math.isnan(cpu) else cpu,
-            "loadgen_cpu": m.loadgen_cpu,
+            "server_cpu": num(m.probe_cpu.get("server", math.nan)),
+            "loadgen_cpu_max": m.loadgen_cpu,
+            "loadgen_cpu_total": m.loadgen_cpu_total,
+            "other_cpu": num(other_cpu(m)),
         }
 
     return {
@@ -266,6 +332,7 @@ def to_json(
             "warmup": config.warmup,
             "clients_procs": config.clients_procs,
             "client_loop": config.client_loop,
+            "pin": config.pin,
             "servers": "both up for the whole run, measured alternately (one under load at a time)",
             "order": "target first in even rounds, baseline first in odd rounds",
         },
@@ -318,13 +385,9 @@ def build_parser(
 ) -> argparse.ArgumentParser:
     """The options every A/B benchmark script shares."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--target", default=default_target, help="system under test, ASGI import string (%(default)s)"
-    )
+    p.add_argument("--target", default=default_target, help="system under test, ASGI import string (%(default)s)")
     p.add_argument("--baseline", default=default_baseline, help="baseline ASGI import string (%(default)s)")
-    p.add_argument(
-        "--concurrency", type=_positive_int, nargs="+", default=[1, 64], help="connection counts (1 64)"
-    )
+    p.add_argument("--concurrency", type=_positive_int, nargs="+", default=[1, 64], help="connection counts (1 64)")
     p.add_argument("--rounds", type=_positive_int, default=5, help="A/B rounds per level (5)")
     p.add_argument("--duration", type=_positive_float, default=3.0, help="measured seconds per run (3)")
     p.add_argument("--warmup", type=float, default=0.5, help="unmeasured seconds before each window (0.5)")
@@ -344,12 +407,13 @@ def build_parser(
     p.add_argument("--ws", default="auto", help="uvicorn --ws for both servers (auto)")
     p.add_argument("--loop", default="auto", help="uvicorn --loop for both servers (auto)")
     p.add_argument("--http", default="auto", help="uvicorn --http for both servers (auto)")
+    p.add_argument("--lifespan", default="auto", choices=["auto", "on", "off"], help="uvicorn --lifespan (auto)")
     p.add_argument(
-        "--lifespan", default="auto", choices=["auto", "on", "off"], help="uvicorn --lifespan (auto)"
+        "--pin",
+        action="store_true",
+        help="pin each server to the last CPU and the load generator(s) to the others (Linux)",
     )
-    p.add_argument(
-        "--ready-timeout", type=_positive_float, default=30.0, help="server start deadline, s (30)"
-    )
+    p.add_argument("--ready-timeout", type=_positive_float, default=30.0, help="server start deadline, s (30)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write results as JSON here")
     return p
 
@@ -368,6 +432,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         path=args.path,
         uvicorn=UvicornSettings(ws=args.ws, loop=args.loop, http=args.http, lifespan=args.lifespan),
         ready_timeout=args.ready_timeout,
+        pin=args.pin,
     )
 
 

@@ -17,18 +17,19 @@ import asyncio
 import contextlib
 import multiprocessing
 import multiprocessing.connection
+import os
 import signal
 import time
 import traceback
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, ClassVar
 
 from websockets.asyncio.client import ClientConnection, connect
 
-#: A zero-argument callable returning a cumulative CPU-seconds figure (e.g. ``_server.ProcessCpu``).
+#: A zero-argument callable returning a cumulative CPU-seconds figure (see ``benchmarks._cpu``).
 #: Must be picklable to be used with ``--clients-procs`` > 1.
 Probe = Callable[[], float]
 
@@ -108,7 +109,8 @@ class Job:
     total: int
     warmup: float
     duration: float
-    probes: tuple[Probe, ...] = ()
+    probes: Mapping[str, Probe] = field(default_factory=dict)
+    """Named probes sampled at the window's edges (only one process of a measurement gets them)."""
     open_timeout: float = 15.0
     grace: float = 10.0
     """Seconds after the window's end allowed for in-flight operations before the job fails."""
@@ -121,7 +123,7 @@ class JobResult:
     ops: int
     cpu: float
     """This process's CPU use over the window, as a fraction of one core."""
-    probe_cpu: tuple[float, ...]
+    probe_cpu: dict[str, float]
     """Each probe's CPU use over the window, as a fraction of one core."""
 
 
@@ -133,14 +135,14 @@ async def _start_now() -> float:
     return time.monotonic()
 
 
-async def _sample_cpu(window: Window, probes: Sequence[Probe]) -> tuple[float, tuple[float, ...]]:
+async def _sample_cpu(window: Window, probes: Mapping[str, Probe]) -> tuple[float, dict[str, float]]:
     """Sample this process's CPU time and each probe at the window's edges; return core fractions."""
     await asyncio.sleep(max(0.0, window.start - time.monotonic()))
-    w0, c0, p0 = time.monotonic(), time.process_time(), [p() for p in probes]
+    w0, c0, p0 = time.monotonic(), time.process_time(), {k: p() for k, p in probes.items()}
     await asyncio.sleep(max(0.0, window.end - time.monotonic()))
-    w1, c1, p1 = time.monotonic(), time.process_time(), [p() for p in probes]
+    w1, c1, p1 = time.monotonic(), time.process_time(), {k: p() for k, p in probes.items()}
     wall = max(w1 - w0, 1e-9)
-    return (c1 - c0) / wall, tuple((b - a) / wall for a, b in zip(p0, p1, strict=True))
+    return (c1 - c0) / wall, {k: (p1[k] - p0[k]) / wall for k in probes}
 
 
 async def drive(job: Job, sync: SyncPoint = _start_now) -> JobResult:
@@ -169,9 +171,7 @@ async def drive(job: Job, sync: SyncPoint = _start_now) -> JobResult:
         except TimeoutError:
             raise LoadError(f"timed out opening {job.connections} connections to {job.url}") from None
         except ExceptionGroup as eg:
-            raise LoadError(
-                f"could not open {job.connections} connections to {job.url}: {eg.exceptions[0]!r}"
-            ) from eg
+            raise LoadError(f"could not open {job.connections} connections to {job.url}: {eg.exceptions[0]!r}") from eg
 
         t0 = await sync()
         await asyncio.sleep(max(0.0, t0 - time.monotonic()))
@@ -207,8 +207,10 @@ class Measurement:
     duration: float
     loadgen_cpu: float
     """CPU use of the busiest load-generator process over the window (fraction of one core)."""
-    probe_cpu: tuple[float, ...] = field(default=())
-    """CPU use of each probe over the window (fraction of one core); NaN when unavailable."""
+    loadgen_cpu_total: float
+    """CPU use of all load-generator processes together over the window (fraction of one core)."""
+    probe_cpu: dict[str, float] = field(default_factory=dict)
+    """CPU use of each named probe over the window (fraction of one core); NaN when unavailable."""
 
     @property
     def rate(self) -> float:
@@ -240,7 +242,7 @@ def split_jobs(
     procs: int,
     warmup: float,
     duration: float,
-    probes: Sequence[Probe],
+    probes: Mapping[str, Probe],
 ) -> list[Job]:
     """Spread ``connections`` as evenly as possible over at most ``procs`` jobs (probes go to the first)."""
     jobs: list[Job] = []
@@ -258,7 +260,7 @@ def split_jobs(
                 total=connections,
                 warmup=warmup,
                 duration=duration,
-                probes=tuple(probes) if not jobs else (),
+                probes=dict(probes) if not jobs else {},
             )
         )
         first += n
@@ -269,11 +271,13 @@ class LoadGenerator:
     """Runs measurements from this process (``procs == 1``) or from ``procs`` persistent spawned
     subprocesses whose counts are summed. Use as a context manager."""
 
-    def __init__(self, procs: int = 1, client_loop: str = "auto") -> None:
+    def __init__(self, procs: int = 1, client_loop: str = "auto", cpus: frozenset[int] | None = None) -> None:
         if procs < 1:
             raise ValueError("procs must be >= 1")
         self.procs = procs
         self.client_loop = client_loop
+        self.cpus = cpus
+        self._saved_affinity: set[int] | None = None
         self._runner: asyncio.Runner | None = None
         self._workers: list[tuple[multiprocessing.process.BaseProcess, multiprocessing.connection.Connection]]
         self._workers = []
@@ -281,13 +285,19 @@ class LoadGenerator:
     def __enter__(self) -> LoadGenerator:
         factory = loop_factory(self.client_loop)
         if self.procs == 1:
+            if self.cpus:
+                self._saved_affinity = os.sched_getaffinity(0)
+                os.sched_setaffinity(0, self.cpus)
             self._runner = asyncio.Runner(loop_factory=factory)
         else:
             ctx = multiprocessing.get_context("spawn")
             for i in range(self.procs):
                 parent_end, child_end = ctx.Pipe()
                 proc = ctx.Process(
-                    target=_worker_main, args=(child_end, self.client_loop), name=f"loadgen-{i}", daemon=True
+                    target=_worker_main,
+                    args=(child_end, self.client_loop, self.cpus),
+                    name=f"loadgen-{i}",
+                    daemon=True,
                 )
                 proc.start()
                 child_end.close()
@@ -300,6 +310,9 @@ class LoadGenerator:
         if self._runner is not None:
             self._runner.close()
             self._runner = None
+        if self._saved_affinity is not None:
+            os.sched_setaffinity(0, self._saved_affinity)
+            self._saved_affinity = None
         for _, conn in self._workers:
             with contextlib.suppress(OSError):
                 conn.send(None)
@@ -319,22 +332,22 @@ class LoadGenerator:
         *,
         warmup: float,
         duration: float,
-        probes: Sequence[Probe] = (),
+        probes: Mapping[str, Probe] | None = None,
     ) -> Measurement:
         """Run one measurement of ``workload`` with ``connections`` connections against ``url``."""
-        jobs = split_jobs(url, workload, connections, self.procs, warmup, duration, probes)
+        jobs = split_jobs(url, workload, connections, self.procs, warmup, duration, probes or {})
         if self._runner is not None:
             results = [self._runner.run(drive(jobs[0]))]
         elif self._workers:
             results = self._measure_in_workers(jobs)
         else:
             raise RuntimeError("LoadGenerator used outside its context manager")
-        probe_cpu = results[0].probe_cpu if probes else ()
         return Measurement(
             ops=sum(r.ops for r in results),
             duration=duration,
             loadgen_cpu=max(r.cpu for r in results),
-            probe_cpu=probe_cpu,
+            loadgen_cpu_total=sum(r.cpu for r in results),
+            probe_cpu=results[0].probe_cpu,
         )
 
     def _measure_in_workers(self, jobs: list[Job]) -> list[JobResult]:
@@ -387,9 +400,11 @@ def _recv(
     return msg
 
 
-def _worker_main(conn: multiprocessing.connection.Connection, client_loop: str) -> None:
+def _worker_main(conn: multiprocessing.connection.Connection, client_loop: str, cpus: frozenset[int] | None) -> None:
     """Load-generator subprocess: run jobs sent by the parent until it sends ``None``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and shuts us down
+    if cpus:
+        os.sched_setaffinity(0, cpus)
 
     async def sync() -> float:
         conn.send(("ready",))

@@ -13,6 +13,7 @@ would distort small-message latency.
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 from collections.abc import Sequence
 
@@ -29,12 +30,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--http", default="auto", help="uvicorn --http implementation")
     parser.add_argument("--lifespan", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--cpus", default=None, help="pin to these CPUs, comma-separated (e.g. 1)")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Serve ``args.app`` until SIGTERM/SIGINT."""
     args = parse_args(argv)
+    if args.cpus:
+        # Before uvicorn starts any thread, so every thread inherits the mask.
+        os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
     sock = socket.socket(fileno=args.fd)
     config = uvicorn.Config(
         args.app,

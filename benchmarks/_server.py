@@ -25,10 +25,10 @@ from typing import IO
 from websockets.exceptions import InvalidHandshake, InvalidURI
 from websockets.sync.client import connect as sync_connect
 
+from benchmarks._cpu import ProcessCpu
+
 #: Repository root: the child's working directory, so ``benchmarks.*`` and ``llmgine_ws.*`` import.
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 class ServerError(RuntimeError):
@@ -78,25 +78,6 @@ class UvicornSettings:
         return info
 
 
-@dataclass(frozen=True)
-class ProcessCpu:
-    """Picklable probe: cumulative user+system CPU seconds of process ``pid`` (Linux ``/proc``).
-
-    Returns ``nan`` when the figure is unavailable (non-Linux, process gone).
-    """
-
-    pid: int
-
-    def __call__(self) -> float:
-        try:
-            stat = Path(f"/proc/{self.pid}/stat").read_text()
-        except OSError:
-            return float("nan")
-        # Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-        fields = stat.rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-
-
 class ServerProcess:
     """One uvicorn server running ``app`` (an import string) in a child process on 127.0.0.1.
 
@@ -112,8 +93,10 @@ class ServerProcess:
         label: str,
         ready_path: str = "/api/ws",
         ready_timeout: float = 30.0,
+        cpus: frozenset[int] | None = None,
     ) -> None:
         self.app = app
+        self.cpus = cpus
         self.settings = settings
         self.label = label
         self.ready_path = ready_path
@@ -151,7 +134,7 @@ class ServerProcess:
             # Append mode: the child shares this file offset, and stderr_tail() seeks it.
             self._stderr = tempfile.TemporaryFile(mode="a+b", prefix="bench-server-")  # noqa: SIM115 - closed in stop()
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "benchmarks._serve", self.app, "--fd", str(fd), *self.settings.argv()],
+                [sys.executable, "-m", "benchmarks._serve", self.app, "--fd", str(fd), *self._extra_argv()],
                 cwd=REPO_ROOT,
                 stdin=subprocess.DEVNULL,
                 stdout=self._stderr,
@@ -160,6 +143,10 @@ class ServerProcess:
             )
         finally:
             sock.close()
+
+    def _extra_argv(self) -> list[str]:
+        pin = ["--cpus", ",".join(map(str, sorted(self.cpus)))] if self.cpus else []
+        return [*self.settings.argv(), *pin]
 
     def wait_ready(self) -> None:
         """Retry a WebSocket handshake on ``ready_path`` until it succeeds or the deadline passes."""

@@ -64,7 +64,7 @@ from wsproto.events import (
 )
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
-__all__ = [
+__all__ = (
     "RAW_MESSAGE_TYPE",
     "Client",
     "ClientError",
@@ -76,7 +76,7 @@ __all__ = [
     "RequestTimeout",
     "ServerRequestHandler",
     "connect",
-]
+)
 
 _log = logging.getLogger(__name__)
 
@@ -312,7 +312,11 @@ class Client:
         self._connected_event = anyio.Event()
         self._connect_wait = anyio.Event()  # set on `connected` or on close
         self._stream_closed = False
-        self._reader_scope = anyio.CancelScope()
+        # Shielded from the cancellation of connect()'s caller, so that the close handshake can
+        # still complete; cancelled by abort() and _close_stream().
+        self._reader_scope = anyio.CancelScope(shield=True)
+        self._writer_alive = False
+        self._writer_done = anyio.Event()
 
         self._pending: dict[str, _Waiter] = {}
         self._inbox: deque[Message] = deque()
@@ -558,7 +562,16 @@ class Client:
                     with contextlib.suppress(ConnectionClosed):
                         await self._send_event(CloseConnection(code=code, reason=reason))
                 await self._closed_event.wait()
-            self._mark_closed(_CLOSE_ABNORMAL, "close handshake timed out")
+            if not self._closed:
+                self._mark_closed(_CLOSE_ABNORMAL, "close handshake timed out")
+                await self._close_stream()
+                return
+        # Let the writer flush what is queued (e.g. the reply to the server's close frame): it then
+        # closes the socket itself.
+        self._write_send.close()
+        if self._writer_alive:
+            with anyio.move_on_after(self._close_timeout):
+                await self._writer_done.wait()
         await self._close_stream()
 
     async def abort(self) -> None:
@@ -584,6 +597,7 @@ class Client:
     # ---------------------------------------------------------------- internals: lifecycle
 
     def _start(self) -> None:
+        self._writer_alive = True
         self._tg.start_soon(self._writer)
         self._tg.start_soon(self._reader)
 
@@ -618,10 +632,13 @@ class Client:
             stream.close()
 
     async def _close_stream(self) -> None:
+        """Close the socket now (queued frames not yet written are dropped); this also ends the
+        reader and the writer."""
         if self._stream_closed:
             return
         self._stream_closed = True
         self._write_send.close()
+        self._reader_scope.cancel()
         await anyio.aclose_forcefully(self._stream)
 
     def _raise_if_closed(self) -> None:
@@ -631,9 +648,7 @@ class Client:
     # ---------------------------------------------------------------- internals: writing
 
     def _encode(self, type: str, message_id: str, data: Any) -> bytes:
-        return self._encoder.encode(
-            _Envelope(type=type, message_id=message_id, data={} if data is None else data)
-        )
+        return self._encoder.encode(_Envelope(type=type, message_id=message_id, data={} if data is None else data))
 
     def _enqueue(self, data: bytes) -> _Write:
         if self._write_error is not None or self._stream_closed:
@@ -674,35 +689,48 @@ class Client:
             self._enqueue(_build_frame(_OPCODE_TEXT, self._encode(type, message_id, data)))
 
     async def _writer(self) -> None:
-        """The only task writing to the socket."""
-        async with self._write_receive:
-            async for item in self._write_receive:
-                if self._write_error is None:
-                    try:
-                        await self._stream.send(item.data)
-                    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-                        self._write_error = exc
-                        self._mark_closed(_CLOSE_ABNORMAL, f"connection lost while sending: {exc!r}")
-                item.error = self._write_error
-                item.done.set()
+        """The only task writing to the socket. Once its queue is closed and drained (the
+        connection is finished), it closes the socket."""
+        try:
+            # Shielded: when the caller of connect() is cancelled, the close handshake still goes
+            # through (bounded by close_timeout); _close_stream() always ends this loop.
+            with anyio.CancelScope(shield=True):
+                async with self._write_receive:
+                    async for item in self._write_receive:
+                        if self._write_error is None:
+                            try:
+                                await self._stream.send(item.data)
+                            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                                self._write_error = exc
+                                self._mark_closed(_CLOSE_ABNORMAL, f"connection lost while sending: {exc!r}")
+                                await self._close_stream()  # also stops the reader
+                        item.error = self._write_error
+                        item.done.set()
+                await self._close_stream()
+        finally:
+            self._writer_alive = False
+            self._writer_done.set()
 
     # ---------------------------------------------------------------- internals: reading
 
     async def _reader(self) -> None:
         """The only task reading the socket."""
-        with self._reader_scope:
-            try:
-                await self._read_loop()
-            except Exception:  # a bug here must not take the user's task group down
-                _log.exception("llmgine_ws client reader failed")
-                self._mark_closed(_CLOSE_ABNORMAL, "client reader failed")
-        self._mark_closed(_CLOSE_ABNORMAL, "connection lost")
-        with anyio.CancelScope(shield=True):
-            await self._close_stream()
+        try:
+            with self._reader_scope:
+                try:
+                    await self._read_loop()
+                except Exception:  # a bug here must not take the user's task group down
+                    _log.exception("llmgine_ws client reader failed")
+                    self._mark_closed(_CLOSE_ABNORMAL, "client reader failed")
+            self._mark_closed(_CLOSE_ABNORMAL, "connection lost")
+        finally:
+            # No more frames will be queued (except by close()): the writer flushes the queue
+            # (e.g. the reply to the server's close frame), then closes the socket.
+            self._write_send.close()
 
     async def _read_loop(self) -> None:
         # Frames that arrived together with the handshake response are already buffered.
-        if await self._process_events():
+        if self._process_events():
             return
         while True:
             try:
@@ -711,10 +739,10 @@ class Client:
                 self._mark_closed(_CLOSE_ABNORMAL, "connection lost without a close frame")
                 return
             self._ws.receive_data(data)
-            if await self._process_events():
+            if self._process_events():
                 return
 
-    async def _process_events(self) -> bool:
+    def _process_events(self) -> bool:
         """Handle the buffered wsproto events; return ``True`` once the connection is finished."""
         for event in self._ws.events():
             if isinstance(event, TextMessage):
@@ -725,11 +753,11 @@ class Client:
                 with contextlib.suppress(ConnectionClosed):
                     self._send_event_nowait(event.response())
             elif isinstance(event, CloseConnection):
-                await self._on_close_event(event)
+                self._on_close_event(event)
                 return True
         return False
 
-    async def _on_close_event(self, event: CloseConnection) -> None:
+    def _on_close_event(self, event: CloseConnection) -> None:
         state = self._ws.state
         self._mark_closed(event.code, event.reason or "")
         reply: CloseConnection | None = None
@@ -739,9 +767,8 @@ class Client:
             # wsproto found a protocol violation by the server (e.g. invalid UTF-8: 1007).
             reply = CloseConnection(code=event.code, reason=event.reason)
         if reply is not None:
-            with anyio.move_on_after(self._close_timeout), contextlib.suppress(ConnectionClosed):
-                await self._send_event(reply)
-        await self._close_stream()
+            with contextlib.suppress(ConnectionClosed):
+                self._send_event_nowait(reply)
 
     def _on_data_frame(self, chunk: str | bytes, finished: bool) -> None:
         if self._discarding:
@@ -839,9 +866,7 @@ class Client:
         assert isinstance(request_type, str)
         self._tg.start_soon(self._run_server_request, handler, message, request_type)
 
-    async def _run_server_request(
-        self, handler: ServerRequestHandler, message: Message, request_type: str
-    ) -> None:
+    async def _run_server_request(self, handler: ServerRequestHandler, message: Message, request_type: str) -> None:
         response: dict[str, Any]
         try:
             result = handler(message)
@@ -1034,9 +1059,7 @@ async def connect(
     """
     deadline = anyio.current_time() + open_timeout
     with anyio.move_on_after(open_timeout) as open_scope:
-        stream, ws, subprotocol = await _open_connection(
-            url, headers, subprotocols, ssl_context, max_message_size
-        )
+        stream, ws, subprotocol = await _open_connection(url, headers, subprotocols, ssl_context, max_message_size)
     if open_scope.cancelled_caught:
         raise RequestTimeout(f"timed out opening {url!r}")
 

@@ -24,7 +24,7 @@ from .runtime import Runtime
 logger = logging.getLogger("llmgine_ws.endpoint")
 
 BINARY_FRAME_ERROR = ProtocolError(
-    ErrorCode.INVALID_JSON, "binary frames are not accepted: send each message as a JSON text frame",
+    ErrorCode.WEBSOCKET_ERROR, "binary frames are not accepted: send each message as a JSON text frame",
     {"frame": "binary"},
 )
 

@@ -238,12 +238,15 @@ class MessageDecoder:
         except RecursionError:
             return None, ProtocolError(ErrorCode.INVALID_JSON, "JSON nested too deeply")
         except msgspec.ValidationError as lenient_exc:
-            # Syntactically JSON, but not an object at the top level (or an unrepresentable number).
-            return None, ProtocolError(
-                ErrorCode.VALIDATION_ERROR,
-                "a message must be a JSON object with 'type', 'message_id' and 'data'",
-                _path_details(str(lenient_exc)),
-            )
+            # Syntactically JSON, but not an object at the top level, or holding a value no decoder
+            # accepts anywhere (e.g. 1e999); the first decode's error has the more precise path.
+            original = exc if isinstance(exc, msgspec.ValidationError) else lenient_exc
+            details = _path_details(str(original))
+            if details["path"] == "$":
+                message = "a message must be a JSON object with 'type', 'message_id' and 'data'"
+            else:
+                message = f"invalid message: {details['reason']}"
+            return None, ProtocolError(ErrorCode.VALIDATION_ERROR, message, details)
         except msgspec.DecodeError as lenient_exc:
             return None, ProtocolError(ErrorCode.INVALID_JSON, f"invalid JSON: {lenient_exc}")
 

@@ -226,9 +226,7 @@ class FakeServer:
         elif mtype == "close_me":
             await rec.websocket.close(code=data.get("code", 4000), reason="closing as asked")
         elif mtype == "ask":
-            answer = await rec.server_call(
-                "server_request", {"request_type": data["request_type"], "prompt": "well?"}
-            )
+            answer = await rec.server_call("server_request", {"request_type": data["request_type"], "prompt": "well?"})
             await rec.reply(msg, "ask_res", {"response": answer})
         elif mtype == "ping_me":
             answer = await rec.server_call("server_ping", {"timestamp": data["timestamp"]})
@@ -645,6 +643,19 @@ async def test_local_close_and_wait_closed(url: str, fake: FakeServer) -> None:
         await client.close()  # idempotent
 
 
+async def test_cancelled_caller_still_closes_cleanly(url: str, fake: FakeServer) -> None:
+    with anyio.CancelScope() as scope:
+        async with connect(url) as client:
+            scope.cancel()
+            await client.receive()  # cancelled: leaving the context must still close with 1000
+    assert scope.cancelled_caught
+    rec = fake.connections[client.app_id]
+    with anyio.fail_after(WAIT):
+        await rec.disconnected.wait()
+    assert rec.close_code == 1000
+    assert client.close_code == 1000
+
+
 async def test_abort_makes_server_see_disconnect(url: str, fake: FakeServer) -> None:
     async with connect(url) as client:
         rec = fake.connections[client.app_id]
@@ -1037,8 +1048,21 @@ def test_client_under_trio() -> None:
             outcome["session"] = await client.create_session()
         outcome["close_code"] = client.close_code
 
+    def run_trio() -> None:
+        try:
+            anyio.run(main, backend="trio")
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    # Run trio in a thread of its own: pytest's anyio plugin may hold an asyncio loop in this one.
     with serve_in_thread(server.app) as base:
-        anyio.run(main, backend="trio")
+        trio_thread = threading.Thread(target=run_trio, daemon=True)
+        trio_thread.start()
+        trio_thread.join(4 * WAIT)
+        assert not trio_thread.is_alive(), "trio client hung"
+
+    if "error" in outcome:
+        raise outcome["error"]
 
     assert outcome["app_id"]
     assert outcome["subprotocol"] == "llmgine.v1"

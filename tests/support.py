@@ -1,0 +1,86 @@
+"""Test support: a real uvicorn server on an ephemeral port, in the test's own event loop."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import uvicorn
+
+from llmgine_ws import get_runtime
+from llmgine_ws.runtime import Runtime
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+class LiveServer:
+    """A running server: its URLs and (for in-process servers) the app and its runtime."""
+
+    def __init__(self, app: Any, port: int, ws_path: str = "/api/ws") -> None:
+        self.app = app
+        self.port = port
+        self.http_url = f"http://127.0.0.1:{port}"
+        self.ws_url = f"ws://127.0.0.1:{port}{ws_path}"
+
+    @property
+    def runtime(self) -> Runtime:
+        """The runtime of the llmgine_ws app being served."""
+        return get_runtime(self.app)
+
+
+def listening_socket() -> socket.socket:
+    """A socket bound to an ephemeral loopback port and already listening.
+
+    Clients may connect before uvicorn starts accepting: the kernel queues them, so no test ever
+    has to wait (or sleep) for the server to come up.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1024)
+    return sock
+
+
+@asynccontextmanager
+async def serve(app: Any, *, ws_path: str = "/api/ws", **uvicorn_options: Any) -> AsyncIterator[LiveServer]:
+    """Serve ``app`` with uvicorn on an ephemeral port for the duration of the block.
+
+    Fails the test if uvicorn logs an unhandled exception from the app.
+    """
+    sock = listening_socket()
+    port = sock.getsockname()[1]
+    options: dict[str, Any] = {"log_level": "warning", "lifespan": "on", "ws_per_message_deflate": False}
+    options.update(uvicorn_options)
+    server = uvicorn.Server(uvicorn.Config(app, **options))
+    errors = _Collect()
+    uvicorn_logger = logging.getLogger("uvicorn.error")
+    uvicorn_logger.addHandler(errors)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(server.serve, [sock])
+            try:
+                yield LiveServer(app, port, ws_path)
+            finally:
+                server.should_exit = True
+    finally:
+        uvicorn_logger.removeHandler(errors)
+        sock.close()
+    crashes = [r for r in errors.records if "Exception in ASGI application" in r.getMessage()]
+    assert not crashes, f"the app raised into uvicorn: {[r.getMessage() for r in crashes]}"
+
+
+async def wait_cleaned(connection: Any, timeout: float = 5.0) -> None:
+    """Wait until the server has finished cleaning up after ``connection``."""
+    with anyio.fail_after(timeout):
+        await connection.closed.wait()
