@@ -15,12 +15,15 @@ No sleep is used as synchronisation: every wait is on an event and bounded by ``
 from __future__ import annotations
 
 import json
+import shutil
 import socket
+import ssl
 import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -29,6 +32,7 @@ import msgspec
 import pytest
 import uvicorn
 from anyio.abc import SocketAttribute
+from anyio.streams.tls import TLSListener
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import WebSocketRoute
@@ -350,7 +354,7 @@ def url(fake: FakeServer) -> str:
 class RawPeer:
     """Server side of one connection, driven by a test script through wsproto."""
 
-    def __init__(self, stream: anyio.abc.SocketStream) -> None:
+    def __init__(self, stream: anyio.abc.ByteStream) -> None:
         self.stream = stream
         self.ws = WSConnection(ConnectionType.SERVER)
         self.events: list[Event] = []
@@ -412,13 +416,18 @@ Script = Callable[[RawPeer], Awaitable[None]]
 
 
 @asynccontextmanager
-async def raw_server(script: Script) -> AsyncIterator[tuple[str, list[BaseException]]]:
+async def raw_server(
+    script: Script, ssl_context: ssl.SSLContext | None = None
+) -> AsyncIterator[tuple[str, list[BaseException]]]:
     """Serve ``script`` for each connection; yield the URL and the list of script errors."""
     errors: list[BaseException] = []
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
-    port = listener.extra(SocketAttribute.local_port)
+    tcp_listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = tcp_listener.extra(SocketAttribute.local_port)
+    listener: anyio.abc.Listener[Any] = tcp_listener
+    if ssl_context is not None:
+        listener = TLSListener(tcp_listener, ssl_context, standard_compatible=False)
 
-    async def handle(stream: anyio.abc.SocketStream) -> None:
+    async def handle(stream: anyio.abc.ByteStream) -> None:
         async with stream:
             try:
                 await script(RawPeer(stream))
@@ -428,7 +437,7 @@ async def raw_server(script: Script) -> AsyncIterator[tuple[str, list[BaseExcept
     async with listener, anyio.create_task_group() as tg:
         tg.start_soon(listener.serve, handle)
         try:
-            yield f"ws://127.0.0.1:{port}/raw", errors
+            yield f"{'wss' if ssl_context else 'ws'}://127.0.0.1:{port}/raw", errors
         finally:
             tg.cancel_scope.cancel()
 
@@ -972,6 +981,38 @@ async def test_invalid_utf8_text_frame_is_sent_verbatim() -> None:
         assert client.close_reason == "invalid utf-8"
     assert not errors
     assert close_codes == [1007]
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI to make a certificate")
+async def test_wss_with_tls(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    await anyio.run_process(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+    )  # fmt: skip
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+    targets: list[str] = []
+
+    async def script(peer: RawPeer) -> None:
+        request = await peer.accept()
+        targets.append(request.target)
+        await peer.send_connected("tls-app")
+        message = await peer.next_message()
+        await peer.send_json({"type": "ping_res", "message_id": message["message_id"], "data": {}})
+        while not isinstance(await peer.next_event(), CloseConnection):
+            pass
+        await peer.send(CloseConnection(code=1000))
+
+    async with raw_server(script, server_ctx) as (url, errors):
+        assert url.startswith("wss://")
+        async with connect(url + "?q=1", ssl_context=client_ctx) as client:
+            assert client.app_id == "tls-app"
+            assert (await client.request("ping", timeout=WAIT)).type == "ping_res"
+        assert client.close_code == 1000
+    assert not errors
+    assert targets == ["/raw?q=1"]
 
 
 async def test_close_is_bounded_when_server_never_answers() -> None:

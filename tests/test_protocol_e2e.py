@@ -194,7 +194,8 @@ async def test_unknown_server_response_and_pong(server: LiveServer) -> None:
     async with connect(server.ws_url) as client:
         for message_type in ("server_response", "server_pong"):
             with pytest.raises(RequestError) as error:
-                await client.request(message_type, {"response_type": "user_input"}, message_id=f"nothing-{message_type}")
+                await client.request(message_type, {"response_type": "user_input"},
+                                     message_id=f"nothing-{message_type}")
             assert error.value.code == "UNKNOWN_REQUEST"
             assert error.value.message_id == f"nothing-{message_type}"
 

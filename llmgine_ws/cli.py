@@ -1,0 +1,65 @@
+"""``llmgine-ws`` / ``python -m llmgine_ws``: run a server with uvicorn.
+
+Defaults come from the ``LLMGINE_API_*`` variables (``LLMGINE_API_HOST``, ``LLMGINE_API_PORT``...);
+flags override them. ``--app module:attr`` serves your own app (or, with ``--factory``, the app a
+function returns) instead of the default ``llmgine_ws.main:app``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+
+from .config import APIConfig, ConfigError
+
+DEFAULT_APP = "llmgine_ws.main:app"
+
+
+def build_parser(config: APIConfig) -> argparse.ArgumentParser:
+    """The command line, with defaults taken from ``config``."""
+    parser = argparse.ArgumentParser(prog="llmgine-ws", description="Run an llmgine_ws server with uvicorn.")
+    parser.add_argument("--host", default=config.host, help=f"interface to bind (default {config.host})")
+    parser.add_argument("--port", type=int, default=config.port, help=f"port to bind (default {config.port})")
+    parser.add_argument("--app", default=DEFAULT_APP, help=f"the ASGI app as module:attr (default {DEFAULT_APP})")
+    parser.add_argument("--factory", action="store_true", help="--app names a function returning the app")
+    parser.add_argument("--workers", type=int, default=None, help="worker processes (needs a backplane to share "
+                        "messaging across them)")
+    parser.add_argument("--fd", type=int, default=None, help="serve on this already-bound socket file descriptor")
+    parser.add_argument("--log-level", default="debug" if config.debug else "info",
+                        choices=["critical", "error", "warning", "info", "debug", "trace"])
+    parser.add_argument("--ssl-keyfile", default=None, help="TLS private key (serve wss:// and https://)")
+    parser.add_argument("--ssl-certfile", default=None, help="TLS certificate chain")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse arguments and run uvicorn until it stops; returns the exit status."""
+    try:
+        config = APIConfig.from_env()
+    except ConfigError as exc:
+        print(f"llmgine-ws: {exc}", file=sys.stderr)
+        return 2
+    args = build_parser(config).parse_args(argv)
+    try:
+        uvicorn.run(
+            args.app,
+            factory=args.factory,
+            host=args.host,
+            port=args.port,
+            fd=args.fd,
+            workers=args.workers,
+            log_level=args.log_level,
+            lifespan="on",
+            # Frames over the limit are refused by the protocol layer itself (close 1009).
+            ws_max_size=config.max_message_size,
+            timeout_graceful_shutdown=int(config.shutdown_timeout) + 1,
+            ssl_keyfile=args.ssl_keyfile,
+            ssl_certfile=args.ssl_certfile,
+        )
+    except ConfigError as exc:  # raised while importing the app (e.g. llmgine_ws.main reads the env)
+        print(f"llmgine-ws: {exc}", file=sys.stderr)
+        return 2
+    return 0
