@@ -32,8 +32,8 @@ from benchmarks._cpu import SystemCpu
 from benchmarks._loadgen import LoadError, LoadGenerator, Measurement, Workload
 from benchmarks._server import ServerError, ServerProcess, UvicornSettings
 
-#: Above this CPU fraction (of one core) the busiest load-generator process is probably the
-#: bottleneck, which compresses the ratio toward 1.
+#: Above this CPU fraction (of one core, median over rounds) the busiest load-generator process is
+#: probably the bottleneck for that side, which compresses the ratio toward 1.
 LOADGEN_SATURATED = 0.90
 #: Above this CPU fraction (of one core) used by *other* processes during a window, the machine was
 #: busy with something else and that level's numbers deserve a re-run.
@@ -107,6 +107,11 @@ class LevelResult:
         ratios = [r.ratio for r in self.rounds]
         return min(ratios), max(ratios)
 
+    @property
+    def round_ratio_median(self) -> float:
+        """Median of the per-round ratios (a paired estimate; reported in the JSON)."""
+        return statistics.median(r.ratio for r in self.rounds)
+
     def measurements(self, side: str | None = None) -> list[Measurement]:
         """All measurements of ``side`` (``"target"``/``"baseline"``), or of both."""
         sides = (side,) if side else ("target", "baseline")
@@ -116,10 +121,9 @@ class LevelResult:
         """Median CPU use of ``side``'s server process during its windows (fraction of a core)."""
         return _median_finite(m.probe_cpu.get("server", math.nan) for m in self.measurements(side))
 
-    @property
-    def loadgen_cpu(self) -> float:
-        """Highest CPU use of the busiest load-generator process over all measurements."""
-        return max(m.loadgen_cpu for m in self.measurements())
+    def loadgen_cpu(self, side: str) -> float:
+        """Median (over rounds) CPU use of the busiest load-generator process while driving ``side``."""
+        return _median_finite(m.loadgen_cpu for m in self.measurements(side))
 
     @property
     def other_cpu(self) -> float:
@@ -131,7 +135,8 @@ def other_cpu(m: Measurement) -> float:
     """CPU used during the window by everything except the server and the load generator(s):
     machine-wide busy time minus theirs (fraction of one core; NaN when unavailable)."""
     system, server = m.probe_cpu.get("system", math.nan), m.probe_cpu.get("server", math.nan)
-    return max(0.0, system - server - m.loadgen_cpu_total)
+    other = system - server - m.loadgen_cpu_total
+    return other if math.isnan(other) else max(0.0, other)
 
 
 def _finite(values: Iterable[float]) -> list[float]:
@@ -188,14 +193,18 @@ def compare(workload: Workload, config: Config, log: Log = _stderr_log) -> list[
                 for side in order:
                     server = servers[side]
                     server.check_alive()
-                    m = loadgen.measure(
-                        server.url(path),
-                        workload,
-                        conc,
-                        warmup=config.warmup,
-                        duration=config.duration,
-                        probes={"server": server.cpu_probe(), "system": SystemCpu()},
-                    )
+                    try:
+                        m = loadgen.measure(
+                            server.url(path),
+                            workload,
+                            conc,
+                            warmup=config.warmup,
+                            duration=config.duration,
+                            probes={"server": server.cpu_probe(), "system": SystemCpu()},
+                        )
+                    except LoadError:
+                        server.check_alive()  # a dead server is the better explanation, with its stderr
+                        raise
                     server.check_alive()
                     got[side] = m
                     log(
@@ -228,7 +237,7 @@ def format_table(workload: Workload, config: Config, results: Sequence[LevelResu
         "ratio",
         "round ratios",
         "server CPU T/B",
-        "loadgen CPU",
+        "loadgen CPU T/B",
         "other CPU",
         "",
     )
@@ -237,11 +246,12 @@ def format_table(workload: Workload, config: Config, results: Sequence[LevelResu
     for lv in results:
         lo, hi = lv.ratio_range
         flags = ""
-        if lv.loadgen_cpu >= LOADGEN_SATURATED:
+        gen_t, gen_b = lv.loadgen_cpu("target"), lv.loadgen_cpu("baseline")
+        if max(gen_t, gen_b) >= LOADGEN_SATURATED:
             flags += "!"
             notes["!"] = (
-                f"! the busiest load-generator process used >= {LOADGEN_SATURATED:.0%} of a core: the client "
-                "may be the bottleneck, which pulls the ratio toward 1 (try --clients-procs; see README)."
+                f"! a load generator used >= {LOADGEN_SATURATED:.0%} of a core (median): that side may be "
+                "client-bound, i.e. its rate is a lower bound, which pulls the ratio toward 1 (see README)."
             )
         if lv.other_cpu >= OTHER_NOISY:
             flags += "~"
@@ -257,20 +267,22 @@ def format_table(workload: Workload, config: Config, results: Sequence[LevelResu
                 f"{lv.ratio:.3f}",
                 f"{lo:.3f}-{hi:.3f}",
                 f"{_pct(lv.server_cpu('target'))}/{_pct(lv.server_cpu('baseline'))}",
-                _pct(lv.loadgen_cpu),
+                f"{_pct(gen_t)}/{_pct(gen_b)}",
                 _pct(lv.other_cpu),
                 flags,
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    table = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    table = [
+        "  ".join([*(c.rjust(w) for c, w in zip(row[:-1], widths, strict=False)), row[-1]]).rstrip() for row in rows
+    ]
     lines = [
         f"{workload.name}: {unit}, median of {config.rounds} rounds x {config.duration:g} s "
         f"(warmup {config.warmup:g} s), {config.clients_procs} load-generator process(es)",
         f"  target   = {config.target}",
         f"  baseline = {config.baseline}",
         "  ratio    = target median / baseline median (>1: target faster); round ratios = min-max per round",
-        "  CPU      = % of one core during the window: server medians, loadgen/other maxima",
+        "  CPU      = % of one core in the windows: server & busiest loadgen process (medians), other processes (max)",
         "",
         *table,
     ]
@@ -299,10 +311,10 @@ def _versions() -> dict[str, str]:
 def to_json(workload: Workload, config: Config, results: Sequence[LevelResult], argv: Sequence[str]) -> dict[str, Any]:
     """A JSON-serialisable record of the run: environment, settings, summary and every round."""
 
-    def meas(m: Measurement) -> dict[str, Any]:
-        def num(x: float) -> float | None:
-            return None if math.isnan(x) else x
+    def num(x: float) -> float | None:
+        return None if math.isnan(x) else x
 
+    def meas(m: Measurement) -> dict[str, Any]:
         return {
             "ops": m.ops,
             "rate": m.rate,
@@ -344,6 +356,10 @@ def to_json(workload: Workload, config: Config, results: Sequence[LevelResult], 
                 "ratio": lv.ratio,
                 "ratio_min": lv.ratio_range[0],
                 "ratio_max": lv.ratio_range[1],
+                "round_ratio_median": lv.round_ratio_median,
+                "server_cpu_median": {s: num(lv.server_cpu(s)) for s in ("target", "baseline")},
+                "loadgen_cpu_median": {s: num(lv.loadgen_cpu(s)) for s in ("target", "baseline")},
+                "other_cpu_max": num(lv.other_cpu),
                 "rounds": [
                     {
                         "round": r.index,
@@ -446,6 +462,9 @@ def main(workload: Workload, description: str, argv: Sequence[str] | None = None
     except (ServerError, LoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     print(format_table(workload, config, results))
     if args.json is not None:
         args.json.write_text(json.dumps(to_json(workload, config, results, argv), indent=2) + "\n")

@@ -316,13 +316,16 @@ class LoadGenerator:
         for _, conn in self._workers:
             with contextlib.suppress(OSError):
                 conn.send(None)
-        for proc, conn in self._workers:
-            proc.join(timeout=5)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join()
-            conn.close()
-        self._workers = []
+        workers, self._workers = self._workers, []
+        try:
+            for proc, _ in workers:
+                proc.join(timeout=5)
+        finally:  # also on a second Ctrl-C: never leave a worker behind
+            for proc, conn in workers:
+                if proc.is_alive():
+                    proc.terminate()
+                    proc.join()
+                conn.close()
 
     def measure(
         self,

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from websockets.exceptions import InvalidHandshake, InvalidURI
+from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.sync.client import connect as sync_connect
 
 from benchmarks._cpu import ProcessCpu
@@ -168,6 +168,12 @@ class ServerProcess:
                     return
             except InvalidURI:
                 raise
+            except InvalidStatus as exc:
+                # An HTTP answer: the server is up, but refuses WebSocket connections on this path.
+                raise self._failure(
+                    f"is up but rejected the WebSocket handshake on {self.ready_path!r} with HTTP "
+                    f"{exc.response.status_code} (wrong --path, or the app is not ready)"
+                ) from None
             except (OSError, TimeoutError, InvalidHandshake) as exc:
                 last_error = exc
                 # Back-off between attempts, bounded by the deadline; not used as synchronisation.
@@ -181,8 +187,11 @@ class ServerProcess:
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                pass
+            finally:  # timed out, or interrupted (a second Ctrl-C): never leave the child behind
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
         tail = "" if self._stderr_reported else self.stderr_tail()
         if tail:
             print(f"--- {self.label} server ({self.app}) stderr ---\n{tail}", file=sys.stderr)

@@ -324,6 +324,7 @@ class Client:
         self._dropped = 0
 
         self._server_request_handlers: dict[str, ServerRequestHandler] = {}
+        self._running_requests: dict[str, anyio.CancelScope] = {}
         self._handlers: dict[str, list[MessageHandler]] = {}
         self._dispatch: dict[str, MemoryObjectSendStream[Message]] = {}
 
@@ -831,6 +832,14 @@ class Client:
         elif mtype == "server_request":
             self._on_server_request(message)
             return
+        elif mtype == "server_request_cancelled":
+            # The server stopped waiting (timeout, or the command that asked was cancelled): stop
+            # the handler, nobody will read its answer. The notice itself still flows on below.
+            data = message.data
+            target = data.get("message_id") if isinstance(data, dict) else None
+            scope = self._running_requests.get(target) if isinstance(target, str) else None
+            if scope is not None:
+                scope.cancel()
         elif mtype in self._handlers:
             self._dispatch_to_handlers(mtype, message)
             return
@@ -869,9 +878,13 @@ class Client:
     async def _run_server_request(self, handler: ServerRequestHandler, message: Message, request_type: str) -> None:
         response: dict[str, Any]
         try:
-            result = handler(message)
-            if inspect.isawaitable(result):
-                result = await result
+            with anyio.CancelScope() as scope:
+                self._running_requests[message.message_id] = scope
+                result = handler(message)
+                if inspect.isawaitable(result):
+                    result = await result
+            if scope.cancel_called:
+                return  # withdrawn by the server
             if result is None:
                 response = {"response_type": request_type}
             elif isinstance(result, Mapping):
@@ -881,6 +894,8 @@ class Client:
         except Exception as exc:
             _log.debug("server_request handler for %r failed", request_type, exc_info=True)
             response = {"response_type": request_type, "error": str(exc)}
+        finally:
+            self._running_requests.pop(message.message_id, None)
         if self._ws.state is ConnectionState.OPEN:
             with contextlib.suppress(ConnectionClosed):
                 await self._write_frame(

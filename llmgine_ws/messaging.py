@@ -6,10 +6,11 @@ import logging
 from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import anyio
 import msgspec
 from anyio.from_thread import BlockingPortal
 
-from .errors import ServerRequestFailed, SessionNotFound
+from .errors import MessagingError, ServerRequestFailed, SessionNotFound
 from .protocol import FrameEncoder, new_message_id
 from .routing import Router
 
@@ -84,12 +85,37 @@ class MessagingAPI:
         """
         message_id = new_message_id()
         frame = self._encoder.frame(message_type, message_id, _payload(data), server_initiated=True)
-        answer = await self._router.request(
-            app_id, message_id, frame, self._default_timeout if timeout is None else timeout
-        )
+        withdraw: str | None = "cancelled"  # what to tell the client if we stop waiting unanswered
+        try:
+            answer = await self._router.request(
+                app_id, message_id, frame, self._default_timeout if timeout is None else timeout
+            )
+            withdraw = None
+        except TimeoutError:
+            withdraw = "timeout"
+            raise
+        except MessagingError:
+            withdraw = None  # never sent, or the app is gone
+            raise
+        finally:
+            if withdraw is not None:
+                await self._withdraw(app_id, message_id, withdraw)
         if answer.get("error") is not None:
             raise ServerRequestFailed(app_id, message_id, answer["error"], answer)
         return ServerResponse(type="server_response", message_id=message_id, app_id=app_id, data=answer)
+
+    async def _withdraw(self, app_id: str, message_id: str, reason: str) -> None:
+        """Tell the client to drop a server request nobody waits for any more (e.g. close its dialog).
+
+        Best effort and brief: runs even while the caller is being cancelled.
+        """
+        frame = self._encoder.frame("server_request_cancelled", new_message_id(),
+                                    {"message_id": message_id, "reason": reason}, server_initiated=True)
+        with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
+            try:
+                await self._router.send_to_app(app_id, frame)
+            except MessagingError:
+                pass  # gone already: nothing to withdraw
 
     async def broadcast(self, message_type: str, data: Any = None, exclude_apps: Collection[str] | None = None) -> int:
         """Send a message to every connected app except ``exclude_apps``; returns how many it reached.

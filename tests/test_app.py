@@ -204,16 +204,21 @@ async def _talk_to(port: int) -> None:
 @pytest.mark.parametrize("argv", [["-m", "llmgine_ws"], ["-m", "uvicorn", "llmgine_ws.main:app"]])
 async def test_cli_and_uvicorn_serve_the_default_app(argv: list[str]) -> None:
     sock = listening_socket()  # handed to the server process: no port race, no waiting for startup
-    process = subprocess.Popen([sys.executable, *argv, "--fd", str(sock.fileno())],
-                               env={**os.environ, "LLMGINE_API_PING_INTERVAL": "0"}, pass_fds=(sock.fileno(),),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = await anyio.open_process([sys.executable, *argv, "--fd", str(sock.fileno())],
+                                       env={**os.environ, "LLMGINE_API_PING_INTERVAL": "0"},
+                                       pass_fds=(sock.fileno(),))
     try:
         with anyio.fail_after(30):
             await _talk_to(sock.getsockname()[1])
     finally:
         process.terminate()
-        _, stderr = process.communicate(timeout=15)
+        with anyio.fail_after(15):
+            await process.wait()
         sock.close()
+    assert process.stderr is not None
+    stderr = b"".join([chunk async for chunk in process.stderr])
+    await process.aclose()
+    assert b"Started server process" in stderr
     assert b"Traceback" not in stderr, stderr.decode()
 
 

@@ -56,25 +56,30 @@ async def test_client_error_answer_raises_server_request_failed(server: LiveServ
         assert "no handler" in str(failure.value.error)
 
 
-async def test_server_request_times_out_and_a_late_answer_is_unknown(server: LiveServer) -> None:
+async def test_server_request_timeout_withdraws_the_request(server: LiveServer) -> None:
     async with connect(server.ws_url) as client:
         received = anyio.Event()
-        answer_now = anyio.Event()
+        handler_cancelled = anyio.Event()
 
         @client.on_server_request("slow")
         async def slow(message: Message) -> dict[str, Any]:
             received.set()
-            await answer_now.wait()
-            return {"value": 1}
+            try:
+                await anyio.sleep_forever()
+            finally:
+                handler_cancelled.set()
+            raise AssertionError("unreachable")
 
         with pytest.raises(TimeoutError):
             await server.runtime.messaging.send_to_app_and_wait(client.app_id, data={"request_type": "slow"},
                                                                 timeout=0.2)
         assert received.is_set()
         assert server.runtime.hub.pending_request_count() == 0
-        answer_now.set()
-        late = await client.receive(timeout=5)
-        assert late.type == "error" and late.data["code"] == "UNKNOWN_REQUEST"
+        notice = await client.receive(timeout=5)
+        assert (notice.type, notice.server_initiated, notice.data["reason"]) == (
+            "server_request_cancelled", True, "timeout")
+        with anyio.fail_after(5):
+            await handler_cancelled.wait()  # the client dropped the question (e.g. closed its dialog)
 
 
 async def test_unknown_app(server: LiveServer) -> None:

@@ -1,0 +1,186 @@
+"""Hub, sessions, connections and routing as units, under asyncio and trio alike."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+from starlette.testclient import TestClient
+
+from llmgine_ws import APIConfig, AppDisconnected, AppNotConnected, Extensions, HandlerContext, create_app
+from llmgine_ws.connection import WS_TRY_AGAIN_LATER, Connection, PendingRequest
+from llmgine_ws.errors import ProtocolError
+from llmgine_ws.hub import Hub
+from llmgine_ws.routing import LocalRouter
+from llmgine_ws.sessions import SessionStore
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+class FakeWebSocket:
+    client = None
+
+    def __init__(self) -> None:
+        self.scope: dict[str, Any] = {}
+
+
+def make_connection(app_id: str, *, queue_size: int = 4, send_grace: float = 0.05) -> Connection:
+    return Connection(app_id, FakeWebSocket(), queue_size=queue_size, send_grace=send_grace)  # type: ignore[arg-type]
+
+
+async def test_session_store_limit_ownership_and_expiry() -> None:
+    store = SessionStore(max_sessions=2)
+    mine = store.create("app-a")
+    store.create("app-b")
+    with pytest.raises(ProtocolError) as full:
+        store.create("app-a")
+    assert full.value.code == "SESSION_LIMIT_REACHED"
+    assert store.get_owned(mine.session_id, "app-a") is mine
+    with pytest.raises(ProtocolError) as foreign:
+        store.get_owned(mine.session_id, "app-b")
+    with pytest.raises(ProtocolError) as missing:
+        store.get_owned("nope", "app-b")
+    assert (foreign.value.code, foreign.value.message) == (missing.value.code, missing.value.message)
+    assert store.expired(timeout=3600) == []
+    assert {s.session_id for s in store.expired(timeout=-1)} == {s.session_id for s in store}
+    assert store.remove(mine.session_id) is mine
+    assert store.remove(mine.session_id) is None
+    store.create("app-a")  # room again
+
+
+async def test_pending_request_first_outcome_wins() -> None:
+    resolved = PendingRequest("app", "m1")
+    resolved.resolve({"ok": True})
+    resolved.fail(AppDisconnected("app", "m1"))
+    assert await resolved.wait() == {"ok": True}
+
+    failed = PendingRequest("app", "m2")
+    failed.fail(AppDisconnected("app", "m2"))
+    failed.resolve({"late": True})
+    with pytest.raises(AppDisconnected):
+        await failed.wait()
+
+
+async def test_hub_tracks_connections_and_signals_empty() -> None:
+    hub = Hub()
+    first, second = make_connection("a"), make_connection("b")
+    hub.add(first)
+    hub.add(second)
+    with pytest.raises(RuntimeError):
+        hub.add(make_connection("a"))
+    assert sorted(hub.app_ids()) == ["a", "b"]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(hub.wait_empty)
+        hub.remove(first)
+        hub.remove(first)  # idempotent
+        hub.remove(second)
+    assert len(hub) == 0
+
+
+async def test_router_request_resolves_and_fails_promptly_on_disconnect() -> None:
+    hub, store = Hub(), SessionStore(10)
+    router = LocalRouter(hub, store, max_pending_requests=4)
+    connection = make_connection("app")
+    hub.add(connection)
+    with pytest.raises(AppNotConnected):
+        await router.send_to_app("other", "{}")
+
+    async def answer_when_sent() -> None:
+        frame = await connection.outbox.receive()
+        assert frame == "request-frame"
+        connection.pending["m1"].resolve({"response_type": "x", "value": 1})
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(answer_when_sent)
+        assert await router.request("app", "m1", "request-frame", timeout=5) == {"response_type": "x", "value": 1}
+    assert connection.pending == {}
+
+    async def disconnect_when_sent() -> None:
+        await connection.outbox.receive()
+        connection.fail_pending(AppDisconnected)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(disconnect_when_sent)
+        with anyio.fail_after(1), pytest.raises(AppDisconnected):
+            await router.request("app", "m2", "frame", timeout=30)
+
+    with pytest.raises(TimeoutError):
+        await router.request("app", "m3", "frame", timeout=0.01)
+    assert connection.pending == {}
+
+
+async def test_broadcast_never_waits_on_a_full_queue_and_closes_the_slow_connection() -> None:
+    hub, store = Hub(), SessionStore(10)
+    router = LocalRouter(hub, store, max_pending_requests=4)
+    fast, stalled = make_connection("fast", queue_size=8), make_connection("stalled", queue_size=1)
+    hub.add(fast)
+    hub.add(stalled)
+    async with anyio.create_task_group() as tg:
+        stalled.attach(tg)  # its late sends run in "its" task group, as in the endpoint
+        fast.attach(tg)
+        assert await router.broadcast("one", exclude_apps=()) == 2
+        with anyio.fail_after(1):  # the broadcaster does not wait for the stalled client
+            assert await router.broadcast("two", exclude_apps=()) == 2
+        assert [fast.outbox.receive_nowait(), fast.outbox.receive_nowait()] == ["one", "two"]
+        # Nobody reads "stalled": after its grace it is closed with 1013 (its task group cancelled).
+    assert stalled.closing
+    assert stalled.close_code == WS_TRY_AGAIN_LATER
+
+
+async def test_send_waits_for_room_within_the_grace() -> None:
+    connection = make_connection("app", queue_size=1, send_grace=5)
+    connection.send_nowait("first")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(connection.send, "second")
+        assert connection.outbox.receive_nowait() == "first"
+        with anyio.fail_after(5):
+            assert await connection.outbox.receive() == "second"
+    assert not connection.closing
+
+
+async def test_close_with_flush_queues_behind_earlier_frames() -> None:
+    connection = make_connection("app")
+    connection.send_nowait("last words")
+    connection.close(1001, "bye", flush=True)
+    assert connection.closing
+    assert connection.send_nowait("too late") is False
+    assert connection.outbox.receive_nowait() == "last words"
+    close = connection.outbox.receive_nowait()
+    assert (close.code, close.reason) == (1001, "bye")  # type: ignore[union-attr]
+
+
+def test_full_stack_under_each_backend(anyio_backend: str) -> None:
+    """The whole endpoint (reader, writer, handlers, server requests) on the backend under test."""
+
+    async def greet(data: dict[str, Any], ctx: HandlerContext) -> dict[str, Any]:
+        answer = await ctx.ask(data={"request_type": "user_input", "prompt": "name?"}, timeout=5)
+        return {"hello": answer.data["user_input"]}
+
+    extensions = Extensions()
+    extensions.register_handler("greet", dict[str, Any], greet)
+    app = create_app(APIConfig(ping_interval=0), extensions)
+    with TestClient(app, backend=anyio_backend) as http, http.websocket_connect("/api/ws") as ws:
+        connected = ws.receive_json()
+        app_id = connected["data"]["app_id"]
+        ws.send_json({"type": "create_session", "message_id": "c1", "data": {"app_id": app_id}})
+        session_id = ws.receive_json()["data"]["session_id"]
+        ws.send_json({"type": "greet", "message_id": "g1", "data": {}})
+        request = ws.receive_json()
+        assert (request["type"], request["data"]["request_type"]) == ("server_request", "user_input")
+        ws.send_json({"type": "server_response", "message_id": request["message_id"],
+                      "data": {"response_type": "user_input", "user_input": anyio_backend}})
+        reply = ws.receive_json()
+        assert reply == {"type": "greet_res", "message_id": "g1", "data": {"hello": anyio_backend}}
+        ws.send_json({"type": "status", "message_id": "s1", "data": {"session_id": session_id}})
+        assert ws.receive_json()["data"]["session_id"] == session_id
+        ws.send_text("not json")
+        assert ws.receive_json()["data"]["code"] == "INVALID_JSON"
+    runtime = app.state.llmgine
+    assert len(runtime.hub) == 0
+    assert len(runtime.sessions) == 0
