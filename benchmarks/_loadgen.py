@@ -74,6 +74,24 @@ class ConnContext:
     window: Window
 
 
+async def recv_in_window(ws: ClientConnection, window: Window) -> bytes | None:
+    """Receive one message (undecoded bytes), or ``None`` once the window has ended.
+
+    For workloads whose connections only *receive* (e.g. broadcast fan-out): a receiver blocked in
+    ``recv()`` when the sender stops would otherwise wait for a message that never comes. Cancelling
+    ``recv()`` is safe in ``websockets.asyncio``: no message is lost.
+    """
+    remaining = window.end - time.monotonic()
+    if remaining <= 0:
+        return None
+    try:
+        async with asyncio.timeout(remaining):
+            data = await ws.recv(decode=False)
+    except TimeoutError:
+        return None
+    return data if isinstance(data, bytes) else bytes(data)
+
+
 class Workload(ABC):
     """What every connection of a measurement does. Subclass and implement :meth:`run`.
 

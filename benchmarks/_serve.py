@@ -13,11 +13,17 @@ would distort small-message latency.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import os
+import signal
 import socket
+import sys
 from collections.abc import Sequence
 
 import uvicorn
+
+_PR_SET_PDEATHSIG = 1
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -31,12 +37,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lifespan", default="auto", choices=["auto", "on", "off"])
     parser.add_argument("--log-level", default="warning")
     parser.add_argument("--cpus", default=None, help="pin to these CPUs, comma-separated (e.g. 1)")
+    parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process dies (Linux)")
     return parser.parse_args(argv)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask Linux for SIGTERM when the parent dies, so a killed benchmark leaves no server behind."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent_pid:  # it died before prctl took effect
+        sys.exit("benchmarks._serve: parent process is gone")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Serve ``args.app`` until SIGTERM/SIGINT."""
     args = parse_args(argv)
+    if args.parent_pid is not None:
+        die_with_parent(args.parent_pid)
     if args.cpus:
         # Before uvicorn starts any thread, so every thread inherits the mask.
         os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})

@@ -140,13 +140,16 @@ class ServerProcess:
                 stdout=self._stderr,
                 stderr=self._stderr,
                 pass_fds=(fd,),
+                # Own session: a terminal Ctrl-C reaches only the benchmark, which then stops the
+                # server with SIGTERM (and _serve's parent-death signal covers a killed benchmark).
+                start_new_session=True,
             )
         finally:
             sock.close()
 
     def _extra_argv(self) -> list[str]:
         pin = ["--cpus", ",".join(map(str, sorted(self.cpus)))] if self.cpus else []
-        return [*self.settings.argv(), *pin]
+        return [*self.settings.argv(), "--parent-pid", str(os.getpid()), *pin]
 
     def wait_ready(self) -> None:
         """Retry a WebSocket handshake on ``ready_path`` until it succeeds or the deadline passes."""

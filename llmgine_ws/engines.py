@@ -72,8 +72,10 @@ class EngineCommandResData(msgspec.Struct, frozen=True, kw_only=True, omit_defau
 
     session_id: str
     status: Literal["completed", "cancelled", "failed"]
-    result: Any = None
+    result: Any
+    """The engine's return value (``null`` unless completed); always present."""
     error: str | None = None
+    """Present only when ``status`` is ``failed``."""
 
 
 class EngineContext:

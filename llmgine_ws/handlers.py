@@ -270,7 +270,8 @@ async def _serve_commands(runtime: Runtime, connection: Connection, handle: Engi
                 logger.error("engine %s returned a result that is not JSON-serialisable: %s", handle.engine_id, exc,
                              extra={"app_id": connection.app_id, "message_id": queued.message_id})
                 frame = runtime.encoder.frame("engine_command_res", queued.message_id, EngineCommandResData(
-                    session_id=handle.session_id, status="failed", error="the engine's result is not serialisable"))
+                    session_id=handle.session_id, status="failed", result=None,
+                    error="the engine's result is not serialisable"))
             try:
                 await connection.send(frame)
             except AppDisconnected:
@@ -292,7 +293,7 @@ async def _run_command(
             ctx = EngineContext(runtime, connection, handle.session_id, queued.message_id)
             result = await handle.engine.handle_command(queued.command, ctx)
             return EngineCommandResData(session_id=handle.session_id, status="completed", result=result)
-        return EngineCommandResData(session_id=handle.session_id, status="cancelled")
+        return EngineCommandResData(session_id=handle.session_id, status="cancelled", result=None)
     except ProtocolError as exc:
         failure = exc.message
     except Exception as exc:
@@ -307,7 +308,7 @@ async def _run_command(
             handle.status = "idle"
     if not handle.stopped:
         handle.status = "failed"
-    return EngineCommandResData(session_id=handle.session_id, status="failed", error=failure)
+    return EngineCommandResData(session_id=handle.session_id, status="failed", result=None, error=failure)
 
 
 def core_handlers() -> list[HandlerSpec]:
