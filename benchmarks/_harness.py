@@ -452,10 +452,18 @@ def config_from_args(args: argparse.Namespace) -> Config:
     )
 
 
-def main(workload: Workload, description: str, argv: Sequence[str] | None = None) -> int:
+def main(
+    workload: Workload,
+    description: str,
+    argv: Sequence[str] | None = None,
+    *,
+    default_target: str = "llmgine_ws.main:app",
+    default_baseline: str = "benchmarks.bare_echo:app",
+) -> int:
     """Entry point for a benchmark script: parse options, compare, print the table, write JSON."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(description).parse_args(argv)
+    parser = build_parser(description, default_target=default_target, default_baseline=default_baseline)
+    args = parser.parse_args(argv)
     config = config_from_args(args)
     try:
         results = compare(workload, config)

@@ -89,7 +89,7 @@ async def recv_in_window(ws: ClientConnection, window: Window) -> bytes | None:
             data = await ws.recv(decode=False)
     except TimeoutError:
         return None
-    return data if isinstance(data, bytes) else bytes(data)
+    return data if isinstance(data, bytes) else data.encode()
 
 
 class Workload(ABC):
