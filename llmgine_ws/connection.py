@@ -113,6 +113,12 @@ class Connection:
         self._task_group: TaskGroup | None = None
 
     @property
+    def user_id(self) -> str | None:
+        """The authenticated user's id, if the connection has a principal."""
+        user_id = getattr(self.principal, "user_id", None)
+        return user_id if isinstance(user_id, str) else None
+
+    @property
     def client_address(self) -> str | None:
         """The peer's address as seen by the server (``host:port``)."""
         client = self.websocket.client

@@ -18,6 +18,7 @@ class Hub:
 
     def __init__(self) -> None:
         self._connections: dict[str, Connection] = {}
+        self._by_user: dict[str, set[str]] = {}
         self._emptied = anyio.Event()
         self._emptied.set()
 
@@ -35,6 +36,9 @@ class Hub:
         if connection.app_id in self._connections:
             raise RuntimeError(f"app_id {connection.app_id!r} is already registered")
         self._connections[connection.app_id] = connection
+        user_id = connection.user_id
+        if user_id is not None:
+            self._by_user.setdefault(user_id, set()).add(connection.app_id)
         if self._emptied.is_set():
             self._emptied = anyio.Event()
 
@@ -42,12 +46,22 @@ class Hub:
         """Forget a connection (no-op if it is not, or no longer, registered)."""
         if self._connections.get(connection.app_id) is connection:
             del self._connections[connection.app_id]
+            user_id = connection.user_id
+            if user_id is not None:
+                apps = self._by_user.get(user_id, set())
+                apps.discard(connection.app_id)
+                if not apps:
+                    self._by_user.pop(user_id, None)
         if not self._connections:
             self._emptied.set()
 
     def get(self, app_id: str) -> Connection | None:
         """The connection of ``app_id``, if it is connected here."""
         return self._connections.get(app_id)
+
+    def user_connections(self, user_id: str) -> list[Connection]:
+        """Every connection here authenticated as ``user_id``."""
+        return [self._connections[app_id] for app_id in self._by_user.get(user_id, ())]
 
     def app_ids(self) -> list[str]:
         """The app_ids connected here."""

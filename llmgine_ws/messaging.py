@@ -126,6 +126,11 @@ class MessagingAPI:
         frame = self._encoder.frame(message_type, new_message_id(), _payload(data), server_initiated=True)
         return await self._router.broadcast(frame, frozenset(exclude_apps or ()))
 
+    async def send_to_user(self, user_id: str, message_type: str, data: Any = None) -> int:
+        """Send a message to every connection authenticated as ``user_id``; returns how many it reached."""
+        frame = self._encoder.frame(message_type, new_message_id(), _payload(data), server_initiated=True)
+        return await self._router.send_to_user(user_id, frame)
+
     def get_connected_apps(self) -> list[str]:
         """Every connected app_id."""
         return self._router.connected_apps()
@@ -179,6 +184,10 @@ class BlockingMessagingAPI:
     def broadcast(self, message_type: str, data: Any = None, exclude_apps: Collection[str] | None = None) -> int:
         """Blocking :meth:`MessagingAPI.broadcast`."""
         return self._call(self._api.broadcast, message_type, data, exclude_apps)
+
+    def send_to_user(self, user_id: str, message_type: str, data: Any = None) -> int:
+        """Blocking :meth:`MessagingAPI.send_to_user`."""
+        return self._call(self._api.send_to_user, user_id, message_type, data)
 
     def get_connected_apps(self) -> list[str]:
         """Blocking :meth:`MessagingAPI.get_connected_apps` (run on the loop, so it sees a consistent view)."""

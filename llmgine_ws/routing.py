@@ -35,6 +35,10 @@ class Router(Protocol):
         """Deliver a frame to every connected app but the excluded; returns how many it reached."""
         ...
 
+    async def send_to_user(self, user_id: str, frame: str) -> int:
+        """Deliver a frame to every connection of an authenticated user; returns how many it reached."""
+        ...
+
     async def request(self, app_id: str, message_id: str, frame: str, timeout: float) -> dict[str, Any]:
         """Send a server request and wait for the app's ``server_response`` data.
 
@@ -89,6 +93,16 @@ class LocalRouter:
         reached = 0
         for connection in self._hub:
             if connection.app_id in exclude_apps or connection.closing:
+                continue
+            if connection.send_nowait(frame) or connection.spawn(self._send_late, connection, frame):
+                reached += 1
+        return reached
+
+    async def send_to_user(self, user_id: str, frame: str) -> int:
+        """Queue the frame on every connection of ``user_id`` (like :meth:`broadcast`, never waiting)."""
+        reached = 0
+        for connection in self._hub.user_connections(user_id):
+            if connection.closing:
                 continue
             if connection.send_nowait(frame) or connection.spawn(self._send_late, connection, frame):
                 reached += 1

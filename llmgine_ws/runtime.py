@@ -31,6 +31,10 @@ from .sessions import Session, SessionStore
 
 logger = logging.getLogger("llmgine_ws.runtime")
 
+SUBPROTOCOL = "llmgine.v1"
+"""Selected when the client offers it. Browsers that offer subprotocols (e.g. to carry a token)
+fail the handshake unless the server selects one of them."""
+
 
 class Runtime:
     """Everything one app owns. Reach it with ``app.state.llmgine`` (or :func:`get_runtime`)."""
@@ -62,7 +66,8 @@ class Runtime:
             self._warned_no_lifespan = True
             logger.warning("the app's lifespan is not running: session expiry, idle-engine stops and the blocking "
                            "messaging API are off (when mounting, pass the app's lifespan to the host app)")
-        await websocket.accept()
+        offered = websocket.scope.get("subprotocols") or []
+        await websocket.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
         connection = Connection(
             str(uuid.uuid4()),
             websocket,
