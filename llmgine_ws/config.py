@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import msgspec
 
 ENV_PREFIX = "LLMGINE_API_"
+LIST_FIELDS = frozenset({"api_keys", "jwt_algorithms", "allowed_origins", "trusted_proxies"})
+"""Fields read from a comma-separated variable."""
+SECRET_FIELDS = frozenset({"api_keys", "token_secret", "jwt_key", "admin_token"})
+"""Fields never shown in reprs, errors or ``/api/info``."""
+_ENV_NAMES = {"api_keys": "LLMGINE_API_KEYS"}
+
+
+def env_variable(field: str) -> str:
+    """The environment variable of a config field (``max_sessions`` → ``LLMGINE_API_MAX_SESSIONS``)."""
+    return _ENV_NAMES.get(field, ENV_PREFIX + field.upper())
 
 
 class ConfigError(ValueError):
@@ -70,12 +82,52 @@ class APIConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields
     shutdown_timeout: float = 10.0
     """Upper bound on how long shutdown waits for connections to finish closing (seconds)."""
 
+    # ---- security: authentication (see llmgine_ws.auth) ----
+    api_keys: list[str] = msgspec.field(default_factory=list)
+    """Static API keys clients may present (``LLMGINE_API_KEYS``, comma-separated)."""
+    token_secret: str | None = None
+    """HMAC secret for signed tokens made with ``llmgine_ws.auth.mint_token``."""
+    jwt_key: str | None = None
+    """JWT verification key: the shared secret (HS256) or a PEM public key (RS256). Needs the ``jwt`` extra."""
+    jwt_algorithms: list[str] = msgspec.field(default_factory=lambda: ["HS256"])
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    allow_query_token: bool = False
+    """Also accept the credential as a ``token`` query parameter (URLs end up in logs: off by default)."""
+    admin_token: str | None = None
+    """Bearer token required by ``/api/connections`` (which reveals app ids)."""
+
+    # ---- security: origins and client addresses ----
+    allowed_origins: list[str] = msgspec.field(default_factory=list)
+    """Browser origins allowed to connect (``https://app.example.com``), or ``*``. Empty (the default):
+    same-origin browsers only. Clients that send no ``Origin`` (programs, not browsers) are not affected."""
+    trusted_proxies: list[str] = msgspec.field(default_factory=list)
+    """Proxy addresses or CIDR ranges whose ``X-Forwarded-For`` is believed."""
+
+    # ---- security: limits (0 turns a rate limit off) ----
+    max_connections: int = 10_000
+    """Connections at once, in total; more are refused at the handshake (503)."""
+    max_connections_per_ip: int = 100
+    """Connections at once from one client address; more are refused at the handshake (429)."""
+    max_sessions_per_connection: int = 20
+    """Sessions one connection may hold; past it ``SESSION_LIMIT_REACHED``."""
+    rate_limit: float = 100.0
+    """Messages per second one connection may send (token bucket); past it ``RATE_LIMITED``."""
+    rate_burst: int = 200
+    """Messages one connection may send at once before ``rate_limit`` applies."""
+    rate_limit_strikes: int = 50
+    """Rate-limited messages tolerated (refilling at one per second) before the connection is closed (1008)."""
+    broadcast_rate_limit: float = 50.0
+    """Broadcasts per second the server may send (token bucket); past it ``broadcast`` raises ``RateLimited``."""
+    broadcast_burst: int = 100
+
     custom: dict[str, Any] = msgspec.field(default_factory=dict)
     """Free-form settings for your extensions (``LLMGINE_API_CUSTOM`` takes a JSON object)."""
 
     def __post_init__(self) -> None:
         for name in ("port", "max_sessions", "missed_pongs", "outbound_queue_size", "max_inflight_requests",
-                     "max_message_size", "max_pending_requests"):
+                     "max_message_size", "max_pending_requests", "max_connections", "max_connections_per_ip",
+                     "max_sessions_per_connection", "rate_burst", "rate_limit_strikes", "broadcast_burst"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
         if self.port > 65535:
@@ -85,10 +137,29 @@ class APIConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields
                      "callback_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0")
+        if self.rate_limit < 0 or self.broadcast_rate_limit < 0:
+            raise ValueError("rate limits must be >= 0 (0 turns a limit off)")
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(f"trusted_proxies: {proxy!r} is not an IP address or network") from None
         if self.ping_interval < 0:
             raise ValueError("ping_interval must be >= 0 (0 disables server pings)")
         if not self.ws_path.startswith("/"):
             raise ValueError("ws_path must start with '/'")
+
+    @property
+    def auth_configured(self) -> bool:
+        """Whether any built-in authenticator is configured."""
+        return bool(self.api_keys or self.token_secret or self.jwt_key)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(
+            f"{name}={'<secret>' if name in SECRET_FIELDS and getattr(self, name) else getattr(self, name)!r}"
+            for name in self.__struct_fields__
+        )
+        return f"APIConfig({fields})"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> APIConfig:
@@ -99,17 +170,21 @@ class APIConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields
         environ = os.environ if environ is None else environ
         raw: dict[str, Any] = {}
         for name in cls.__struct_fields__:
-            value = environ.get(ENV_PREFIX + name.upper())
+            variable = env_variable(name)
+            value = environ.get(variable)
             if value is None:
                 continue
-            if name == "custom":
+            if name in LIST_FIELDS:
+                raw[name] = [item.strip() for item in value.split(",") if item.strip()]
+            elif name == "custom":
                 try:
                     raw[name] = msgspec.json.decode(value)
                 except msgspec.DecodeError as exc:
                     raise ConfigError(f"{ENV_PREFIX}CUSTOM must be a JSON object: {exc}") from None
             else:
                 raw[name] = value
-        sources = {name: f"{ENV_PREFIX}{name.upper()}={raw[name]!r}" for name in raw}
+        sources = {name: f"{env_variable(name)}={'<secret>' if name in SECRET_FIELDS else repr(raw[name])}"
+                   for name in raw}
         raw.update(overrides)
         sources.update({name: f"{name}={value!r}" for name, value in overrides.items()})
         return cls._build(raw, sources)
@@ -130,6 +205,6 @@ class APIConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields
 def _describe(error: str, sources: dict[str, str]) -> str:
     """Name the variable behind a validation error (msgspec reports ``$.field`` paths or a message)."""
     for name, source in sources.items():
-        if f"`$.{name}`" in error or error.startswith(f"{name} ") or f"field `{name}`" in error:
+        if f"`$.{name}`" in error or re.match(rf"{name}\b", error) or f"field `{name}`" in error:
             return f"invalid configuration {source}: {error}"
     return f"invalid configuration: {error}"

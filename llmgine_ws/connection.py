@@ -17,8 +17,10 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from starlette.websockets import WebSocket
 
+from .audit import audit
 from .errors import AppDisconnected
 from .protocol import utcnow
+from .security import RateLimiter
 
 logger = logging.getLogger("llmgine_ws.connection")
 
@@ -88,11 +90,16 @@ class Connection:
         queue_size: int,
         send_grace: float,
         principal: Any = None,
+        client_ip: str | None = None,
     ) -> None:
         self.app_id = app_id
         self.websocket = websocket
         self.principal = principal
         """Who authenticated this connection (``None`` without an authenticator)."""
+        self.client_ip = client_ip
+        """The client's address (after trusted-proxy resolution)."""
+        self.rate_limiter: RateLimiter | None = None
+        self.rate_limit_noted = False
         self.connected_at: datetime = utcnow()
         self.last_activity: float = time.monotonic()
         self.session_ids: set[str] = set()
@@ -171,8 +178,8 @@ class Connection:
                 return
             except (anyio.ClosedResourceError, anyio.BrokenResourceError):
                 raise AppDisconnected(self.app_id) from None
-        logger.warning("closing %s: outbound queue full for %.1fs (client not reading)", self.app_id,
-                       self._send_grace, extra={"app_id": self.app_id})
+        audit("forced_close", level=logging.WARNING, code=WS_TRY_AGAIN_LATER, reason="outbound queue full",
+              grace=self._send_grace, app_id=self.app_id, user_id=self.user_id)
         self.close(WS_TRY_AGAIN_LATER, "outbound queue full: client too slow")
         raise AppDisconnected(self.app_id)
 

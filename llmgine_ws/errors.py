@@ -116,3 +116,11 @@ class ServerRequestFailed(MessagingError):
         self.message_id = message_id
         self.error = error
         self.data = data
+
+
+class RateLimited(MessagingError):
+    """A server-side rate limit (e.g. on broadcasts) refused the operation; retry after ``retry_after`` s."""
+
+    def __init__(self, what: str, retry_after: float) -> None:
+        super().__init__(f"{what} rate limit reached; retry after {retry_after:.3f}s")
+        self.retry_after = retry_after

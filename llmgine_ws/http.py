@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hmac
+import logging
 from typing import Any
 
 import msgspec
@@ -9,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from .audit import audit
 from .protocol import CORE_SERVER_MESSAGES, utcnow
 from .runtime import Runtime
 
@@ -111,8 +114,15 @@ class StatusRoutes:
         })
 
     async def connections(self, request: Request) -> Response:
-        """Connected apps with their sessions and pending server requests."""
+        """Connected apps with their sessions and pending server requests.
+
+        It reveals app ids, so: with ``admin_token`` set it needs ``Authorization: Bearer <admin_token>``;
+        without one it is open only while no authenticator is configured (development).
+        """
         runtime = self.runtime
+        refusal = self._admin_refusal(request)
+        if refusal is not None:
+            return refusal
         now = utcnow()
         connections = [
             {
@@ -122,6 +132,9 @@ class StatusRoutes:
                 "sessions": sorted(c.session_ids),
                 "pending_server_requests": len(c.pending),
                 "requests_in_flight": len(c.in_flight),
+                "user_id": c.user_id,
+                "auth_method": getattr(c.principal, "method", None),
+                "client_ip": c.client_ip,
             }
             for c in runtime.hub
         ]
@@ -131,3 +144,18 @@ class StatusRoutes:
             "pending_server_requests": runtime.hub.pending_request_count(),
             "connections": connections,
         })
+
+    def _admin_refusal(self, request: Request) -> Response | None:
+        admin_token = self.runtime.config.admin_token
+        if admin_token:
+            scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), admin_token.encode()):
+                return None
+            audit("admin_refused", level=logging.WARNING, path=request.url.path,
+                  client_ip=request.client.host if request.client else None)
+            return JSONResponse({"error": "UNAUTHORIZED", "message": "this endpoint needs the admin token"},
+                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        if self.runtime.authenticator is not None:
+            message = "set LLMGINE_API_ADMIN_TOKEN to use this endpoint on an authenticated server"
+            return JSONResponse({"error": "FORBIDDEN", "message": message}, status_code=403)
+        return None

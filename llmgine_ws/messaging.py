@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+import time
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from typing import Any, TypeVar
 
 import anyio
 import msgspec
 from anyio.from_thread import BlockingPortal
 
-from .errors import MessagingError, ServerRequestFailed, SessionNotFound
+from .audit import audit
+from .errors import AppDisconnected, MessagingError, RateLimited, ServerRequestFailed, SessionNotFound
 from .protocol import FrameEncoder, new_message_id
 from .routing import Router
-
-if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+from .security import TokenBucket
 
 logger = logging.getLogger("llmgine_ws.messaging")
 
@@ -41,10 +41,14 @@ class MessagingAPI:
     Payloads (``data``) may be msgspec structs or mappings; they are encoded once per call.
     """
 
-    def __init__(self, router: Router, encoder: FrameEncoder, *, default_timeout: float) -> None:
+    def __init__(self, router: Router, encoder: FrameEncoder, *, default_timeout: float,
+                 broadcast_limit: TokenBucket | None = None,
+                 user_of: Callable[[str], str | None] = lambda app_id: None) -> None:
         self._router = router
         self._encoder = encoder
         self._default_timeout = default_timeout
+        self._broadcast_limit = broadcast_limit
+        self._user_of = user_of
         self._portal: BlockingPortal | None = None
 
     async def send_to_app(self, app_id: str, message_type: str, data: Any = None) -> None:
@@ -84,22 +88,32 @@ class MessagingAPI:
         answers with an ``error`` field.
         """
         message_id = new_message_id()
-        frame = self._encoder.frame(message_type, message_id, _payload(data), server_initiated=True)
-        withdraw: str | None = "cancelled"  # what to tell the client if we stop waiting unanswered
+        payload = _payload(data)
+        frame = self._encoder.frame(message_type, message_id, payload, server_initiated=True)
+        request_type = payload.get("request_type") if isinstance(payload, Mapping) else None
+        record: dict[str, Any] = {"app_id": app_id, "user_id": self._user_of(app_id), "message_type": message_type,
+                  "message_id": message_id, "request_type": request_type}
+        audit("server_request", outcome="sent", **record)
+        started = time.monotonic()
+        outcome = "cancelled"  # what happened, for the audit log and (when unanswered) for the client
         try:
             answer = await self._router.request(
                 app_id, message_id, frame, self._default_timeout if timeout is None else timeout
             )
-            withdraw = None
+            outcome = "failed" if answer.get("error") is not None else "answered"
         except TimeoutError:
-            withdraw = "timeout"
+            outcome = "timed_out"
             raise
-        except MessagingError:
-            withdraw = None  # never sent, or the app is gone
+        except AppDisconnected:
+            outcome = "disconnected"
+            raise
+        except MessagingError as exc:
+            outcome = f"not_sent:{type(exc).__name__}"
             raise
         finally:
-            if withdraw is not None:
-                await self._withdraw(app_id, message_id, withdraw)
+            if outcome in ("timed_out", "cancelled"):
+                await self._withdraw(app_id, message_id, "timeout" if outcome == "timed_out" else "cancelled")
+            audit("server_request", outcome=outcome, duration=round(time.monotonic() - started, 4), **record)
         if answer.get("error") is not None:
             raise ServerRequestFailed(app_id, message_id, answer["error"], answer)
         return ServerResponse(type="server_response", message_id=message_id, app_id=app_id, data=answer)
@@ -121,8 +135,12 @@ class MessagingAPI:
         """Send a message to every connected app except ``exclude_apps``; returns how many it reached.
 
         Never waits on a slow client: one that cannot keep up is closed (1013) rather than allowed
-        to hold the others up.
+        to hold the others up. Raises ``RateLimited`` past ``broadcast_rate_limit``.
         """
+        limit = self._broadcast_limit
+        if limit is not None and not limit.take():
+            audit("limit_hit", level=logging.WARNING, limit="broadcast", message_type=message_type)
+            raise RateLimited("broadcast", limit.retry_after())
         frame = self._encoder.frame(message_type, new_message_id(), _payload(data), server_initiated=True)
         return await self._router.broadcast(frame, frozenset(exclude_apps or ()))
 

@@ -231,6 +231,14 @@ class MessageDecoder:
         """Decode one frame; raises ``msgspec.DecodeError`` or ``RecursionError`` on bad input."""
         return self._decoder.decode(text)
 
+    def message_id_of(self, text: str) -> str | None:
+        """The frame's message_id when it can be read without trusting anything else in it."""
+        try:
+            value = self._lenient.decode(text).message_id
+        except (msgspec.DecodeError, RecursionError):
+            return None
+        return value if _readable_id(value) else None
+
     def explain(self, text: str | bytes, exc: BaseException) -> tuple[str | None, ProtocolError]:
         """Classify a failed decode: returns (the request's message_id if readable, the error)."""
         try:

@@ -11,22 +11,42 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 from anyio.from_thread import BlockingPortal
+from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket
 
+from .audit import audit
+from .auth import (
+    APIKeyAuthenticator,
+    AuthenticationFailed,
+    Authenticator,
+    Handshake,
+    JWTAuthenticator,
+    Principal,
+    TokenAuthenticator,
+    any_of,
+)
 from .config import APIConfig
 from .connection import WS_GOING_AWAY, Connection
 from .dispatch import Dispatcher
-from .errors import AppDisconnected, ServerShuttingDown
+from .errors import AppDisconnected, ErrorCode, ProtocolError, ServerShuttingDown
 from .extensions import Extensions
 from .handlers import core_handlers
 from .hub import Hub
 from .messaging import MessagingAPI
 from .protocol import ConnectedData, FrameEncoder, NotificationData, new_message_id
 from .routing import LocalRouter, Router
+from .security import (
+    ConnectionCounter,
+    RateLimiter,
+    TokenBucket,
+    origin_allowed,
+    parse_networks,
+    resolve_client_ip,
+)
 from .sessions import Session, SessionStore
 
 logger = logging.getLogger("llmgine_ws.runtime")
@@ -39,14 +59,23 @@ fail the handshake unless the server selects one of them."""
 class Runtime:
     """Everything one app owns. Reach it with ``app.state.llmgine`` (or :func:`get_runtime`)."""
 
-    def __init__(self, config: APIConfig, extensions: Extensions) -> None:
+    def __init__(self, config: APIConfig, extensions: Extensions, authenticator: Authenticator | None = None) -> None:
         self.config = config
         self.extensions = extensions
+        self.authenticator = authenticator if authenticator is not None else authenticator_from_config(config)
+        """Decides who may connect (None: anyone, as in the seed — a warning is logged at startup)."""
+        self.connection_counter = ConnectionCounter(config.max_connections, config.max_connections_per_ip)
+        self._trusted_proxies = parse_networks(config.trusted_proxies)
         self.encoder = FrameEncoder()
         self.hub = Hub()
         self.sessions = SessionStore(config.max_sessions)
         self.router: Router = LocalRouter(self.hub, self.sessions, max_pending_requests=config.max_pending_requests)
-        self.messaging = MessagingAPI(self.router, self.encoder, default_timeout=config.server_request_timeout)
+        self.messaging = MessagingAPI(
+            self.router, self.encoder, default_timeout=config.server_request_timeout,
+            broadcast_limit=TokenBucket(config.broadcast_rate_limit, config.broadcast_burst)
+            if config.broadcast_rate_limit > 0 else None,
+            user_of=self._user_of,
+        )
         self.dispatcher = Dispatcher(self, [*core_handlers(), *extensions.handlers.values()])
         extensions._bind(self.messaging)
         self.started = False
@@ -57,30 +86,90 @@ class Runtime:
 
     # ------------------------------------------------------------------ connections
 
-    async def open_connection(self, websocket: WebSocket, principal: Any = None) -> Connection | None:
-        """Accept and register a connection and greet it; None if the server refuses it."""
+    async def open_connection(self, websocket: WebSocket) -> Connection | None:
+        """Run the handshake gate, then accept, register and greet; None if the connection is refused.
+
+        Before anything is accepted: shutdown, ``Origin``, connection caps, then authentication. A
+        refused handshake gets an HTTP status (403, 429 or 503) and leaves nothing registered.
+        """
+        scope = websocket.scope
+        client_ip = resolve_client_ip(scope, self._trusted_proxies)
+        origin = websocket.headers.get("origin")
         if self.shutting_down:
-            await websocket.close(code=WS_GOING_AWAY, reason="server shutting down")
+            await _refuse(websocket, 503, "SHUTTING_DOWN", "the server is shutting down")
             return None
+        if not origin_allowed(scope, self.config.allowed_origins):
+            audit("handshake_refused", level=logging.WARNING, reason="origin not allowed", origin=origin,
+                  client_ip=client_ip)
+            await _refuse(websocket, 403, "FORBIDDEN", "origin not allowed")
+            return None
+        cap = self.connection_counter.refusal(client_ip)
+        if cap is not None:
+            audit("limit_hit", level=logging.WARNING, limit="connections", reason=cap[1], client_ip=client_ip)
+            await _refuse(websocket, cap[0], "CONNECTION_LIMIT", cap[1])
+            return None
+        self.connection_counter.add(client_ip)  # counted before any await: concurrent handshakes see it
+        try:
+            principal = await self._authenticate(websocket, client_ip, origin)
+            if principal is False:
+                await _refuse(websocket, 403, "FORBIDDEN", "authentication failed")
+                self.connection_counter.remove(client_ip)
+                return None
+            offered = scope.get("subprotocols") or []
+            await websocket.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
+        except BaseException:
+            self.connection_counter.remove(client_ip)
+            raise
         if not self.started and not self._warned_no_lifespan:
             self._warned_no_lifespan = True
             logger.warning("the app's lifespan is not running: session expiry, idle-engine stops and the blocking "
                            "messaging API are off (when mounting, pass the app's lifespan to the host app)")
-        offered = websocket.scope.get("subprotocols") or []
-        await websocket.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
         connection = Connection(
             str(uuid.uuid4()),
             websocket,
             queue_size=self.config.outbound_queue_size,
             send_grace=self.config.send_grace,
             principal=principal,
+            client_ip=client_ip,
         )
+        if self.config.rate_limit > 0:
+            connection.rate_limiter = RateLimiter(self.config.rate_limit, self.config.rate_burst,
+                                                  self.config.rate_limit_strikes)
         self.hub.add(connection)
         connection.send_nowait(self.encoder.frame(
             "connected", new_message_id(), ConnectedData(app_id=connection.app_id), server_initiated=True))
-        logger.info("app %s connected from %s", connection.app_id, connection.client_address,
-                    extra={"app_id": connection.app_id})
+        logger.info("app %s connected from %s", connection.app_id, client_ip, extra={"app_id": connection.app_id})
         return connection
+
+    async def _authenticate(self, websocket: WebSocket, client_ip: str | None, origin: str | None
+                            ) -> Principal | Literal[False] | None:
+        """The principal; None when no authenticator is configured; False when refused."""
+        if self.authenticator is None:
+            return None
+        handshake = Handshake(websocket.scope, client_ip=client_ip, allow_query_token=self.config.allow_query_token)
+        reason = "refused"
+        principal: Principal | None = None
+        try:
+            with anyio.fail_after(self.config.callback_timeout):
+                principal = await self.authenticator(handshake)
+        except AuthenticationFailed as exc:
+            reason = exc.reason
+        except TimeoutError:
+            reason = "authenticator timed out"
+        except Exception:
+            logger.exception("the authenticator raised; refusing the handshake")
+            reason = "authenticator error"
+        if principal is None:
+            audit("auth", level=logging.WARNING, outcome="refused", reason=reason, carrier=handshake.carrier,
+                  client_ip=client_ip, origin=origin)
+            return False
+        audit("auth", outcome="accepted", user_id=principal.user_id, method=principal.method,
+              carrier=handshake.carrier, client_ip=client_ip, origin=origin)
+        return principal
+
+    def _user_of(self, app_id: str) -> str | None:
+        connection = self.hub.get(app_id)
+        return connection.user_id if connection is not None else None
 
     async def on_connected(self, connection: Connection) -> None:
         """Run ``connect`` callbacks (in the connection's task group, so they may message the app)."""
@@ -106,6 +195,7 @@ class Runtime:
         for session in sessions:
             await self.destroy_session(session, reason="disconnected")
         self.hub.remove(connection)
+        self.connection_counter.remove(connection.client_ip)
         await self._run_callbacks(self.extensions.connection_callbacks["disconnect"], connection.app_id)
         connection.closed.set()
         logger.info("app %s disconnected (code %s)", connection.app_id, connection.close_code,
@@ -115,6 +205,12 @@ class Runtime:
 
     async def create_session(self, connection: Connection) -> Session:
         """Create a session owned by ``connection`` and run ``session_created`` callbacks."""
+        limit = self.config.max_sessions_per_connection
+        if len(connection.session_ids) >= limit:
+            audit("limit_hit", level=logging.WARNING, limit="sessions_per_connection", app_id=connection.app_id,
+                  user_id=connection.user_id)
+            raise ProtocolError(ErrorCode.SESSION_LIMIT_REACHED, f"a connection may hold at most {limit} sessions",
+                                {"max_sessions_per_connection": limit})
         session = self.sessions.create(connection.app_id)
         connection.session_ids.add(session.session_id)
         await self._run_callbacks(self.extensions.session_callbacks["session_created"], session)
@@ -160,6 +256,10 @@ class Runtime:
             portal = await tg.start(_serve_portal)
             self.messaging._bind_portal(portal)
             await tg.start(self._reap_forever)
+            if self.authenticator is None:
+                logger.warning("no authenticator configured: any client that can reach %s may connect (set "
+                               "LLMGINE_API_KEYS, LLMGINE_API_TOKEN_SECRET or LLMGINE_API_JWT_KEY)",
+                               self.config.ws_path)
             self.started = True
             try:
                 yield
@@ -251,6 +351,29 @@ async def _serve_portal(*, task_status: anyio.abc.TaskStatus[BlockingPortal] = a
             await anyio.sleep_forever()
         finally:
             await portal.stop(cancel_remaining=True)
+
+
+def authenticator_from_config(config: APIConfig) -> Authenticator | None:
+    """The built-in authenticators the config asks for (any of them may accept), or None."""
+    configured: list[Authenticator] = []
+    if config.api_keys:
+        configured.append(APIKeyAuthenticator(config.api_keys))
+    if config.token_secret:
+        configured.append(TokenAuthenticator(config.token_secret))
+    if config.jwt_key:
+        configured.append(JWTAuthenticator(config.jwt_key, algorithms=config.jwt_algorithms,
+                                           audience=config.jwt_audience, issuer=config.jwt_issuer))
+    if not configured:
+        return None
+    return configured[0] if len(configured) == 1 else any_of(*configured)
+
+
+async def _refuse(websocket: WebSocket, status: int, code: str, message: str) -> None:
+    """Refuse a handshake: an HTTP response where the server supports it, else a close (1008)."""
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(JSONResponse({"error": code, "message": message}, status_code=status))
+    else:
+        await websocket.close(code=1008 if status == 403 else 1013, reason=message)
 
 
 def get_runtime(app: Any) -> Runtime:
