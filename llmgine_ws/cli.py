@@ -53,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             workers=args.workers,
             log_level=args.log_level,
             lifespan="on",
+            # Client addresses are resolved by llmgine_ws itself from LLMGINE_API_TRUSTED_PROXIES;
+            # uvicorn rewriting them first (it trusts 127.0.0.1 by default) would bypass that list.
+            proxy_headers=False,
             # Frames over the limit are refused by the protocol layer itself (close 1009).
             ws_max_size=config.max_message_size,
             timeout_graceful_shutdown=int(config.shutdown_timeout) + 1,

@@ -60,7 +60,8 @@ async def serve(app: Any, *, ws_path: str = "/api/ws", **uvicorn_options: Any) -
     """
     sock = listening_socket()
     port = sock.getsockname()[1]
-    options: dict[str, Any] = {"log_level": "warning", "lifespan": "on", "ws_per_message_deflate": False}
+    options: dict[str, Any] = {"log_level": "warning", "lifespan": "on", "ws_per_message_deflate": False,
+                               "proxy_headers": False}
     options.update(uvicorn_options)
     server = uvicorn.Server(uvicorn.Config(app, **options))
     errors = _Collect()
