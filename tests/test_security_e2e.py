@@ -16,7 +16,7 @@ from llmgine_ws import APIConfig, Extensions, HandlerContext, create_app
 from llmgine_ws.auth import AuthenticationFailed, Handshake, Principal, mint_token
 from llmgine_ws.client import ConnectionClosed, HandshakeRejected, RequestError, connect
 
-from .support import LiveServer, serve, wait_cleaned
+from .support import LiveServer, serve
 
 pytestmark = pytest.mark.anyio
 
