@@ -9,6 +9,7 @@ ratio of the medians and the range of per-round ratios. See benchmarks/README.md
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -19,4 +20,7 @@ from benchmarks._harness import main
 from benchmarks.workloads import PingWorkload
 
 if __name__ == "__main__":
+    # The per-connection rate limit (a security default) would turn a load test into a rate-limit
+    # test; liveness pings are irrelevant here. Both are inherited by the server processes.
+    os.environ.setdefault("LLMGINE_API_RATE_LIMIT", "0")
     sys.exit(main(PingWorkload(), description=__doc__ or ""))

@@ -14,11 +14,11 @@ from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from starlette.websockets import WebSocket
 
 from .audit import audit
 from .errors import AppDisconnected
+from .outbox import Outbox, OutboxClosed
 from .protocol import utcnow
 from .security import RateLimiter
 
@@ -114,9 +114,8 @@ class Connection:
         self.closed = anyio.Event()
         """Set once the connection has been cleaned up and forgotten by the hub."""
         self._send_grace = send_grace
-        self._outbox: MemoryObjectSendStream[OutboundItem]
-        self.outbox: MemoryObjectReceiveStream[OutboundItem]
-        self._outbox, self.outbox = anyio.create_memory_object_stream[OutboundItem](queue_size)
+        self.outbox: Outbox[OutboundItem] = Outbox(queue_size)
+        """Frames waiting for the writer (the only task that writes to the socket)."""
         self._task_group: TaskGroup | None = None
 
     @property
@@ -147,15 +146,7 @@ class Connection:
 
     def send_nowait(self, frame: str) -> bool:
         """Queue a frame without waiting; False if the queue is full or the connection is closing."""
-        if self.closing:
-            return False
-        try:
-            self._outbox.send_nowait(frame)
-        except anyio.WouldBlock:
-            return False
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            return False
-        return True
+        return not self.closing and self.outbox.put_nowait(frame)
 
     async def send(self, frame: str) -> None:
         """Queue a frame, waiting up to ``send_grace`` for room.
@@ -165,18 +156,13 @@ class Connection:
         """
         if self.closing:
             raise AppDisconnected(self.app_id)
-        try:
-            self._outbox.send_nowait(frame)
+        if self.outbox.put_nowait(frame):
             return
-        except anyio.WouldBlock:
-            pass
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            raise AppDisconnected(self.app_id) from None
         with anyio.move_on_after(self._send_grace):
             try:
-                await self._outbox.send(frame)
+                await self.outbox.put(frame)
                 return
-            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            except OutboxClosed:
                 raise AppDisconnected(self.app_id) from None
         audit("forced_close", level=logging.WARNING, code=WS_TRY_AGAIN_LATER, reason="outbound queue full",
               grace=self._send_grace, app_id=self.app_id, user_id=self.user_id)
@@ -203,13 +189,9 @@ class Connection:
         """
         if self.close_code is None:
             self.close_code, self.close_reason = code, reason
-        if flush and not self.closing:
-            try:
-                self._outbox.send_nowait(CloseRequest(code, reason))
-                self.closing = True
-                return
-            except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
-                pass
+        if flush and not self.closing and self.outbox.put_nowait(CloseRequest(code, reason)):
+            self.closing = True
+            return
         self.closing = True
         if self._task_group is not None:
             self._task_group.cancel_scope.cancel()

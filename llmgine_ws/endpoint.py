@@ -19,6 +19,7 @@ from starlette.websockets import WebSocket, WebSocketState
 from .audit import audit
 from .connection import WS_INTERNAL_ERROR, WS_MESSAGE_TOO_BIG, WS_POLICY_VIOLATION, CloseRequest, Connection
 from .errors import AppDisconnected, ErrorCode, ProtocolError
+from .outbox import OutboxClosed
 from .protocol import ServerPingData, new_message_id, utcnow
 from .runtime import Runtime
 from .security import RateLimiter
@@ -137,12 +138,16 @@ class MessageEndpoint(WebSocketEndpoint):
 
     async def _write(self, websocket: WebSocket, connection: Connection) -> None:
         send = self.send
+        outbox = connection.outbox
         try:
-            async for item in connection.outbox:
+            while True:
+                item = await outbox.get()
                 if isinstance(item, CloseRequest):
                     connection.close(item.code, item.reason)
                     return
                 await send({"type": "websocket.send", "text": item})
+        except OutboxClosed:
+            return
         except Exception as exc:  # the transport is gone: treat as a disconnect
             logger.debug("write to %s failed: %r", connection.app_id, exc, extra={"app_id": connection.app_id})
             connection.close(WS_INTERNAL_ERROR if connection.close_code is None else connection.close_code,

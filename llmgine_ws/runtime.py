@@ -195,6 +195,7 @@ class Runtime:
         for session in sessions:
             await self.destroy_session(session, reason="disconnected")
         self.hub.remove(connection)
+        connection.outbox.close()  # producers still waiting for room learn the app is gone
         self.connection_counter.remove(connection.client_ip)
         await self._run_callbacks(self.extensions.connection_callbacks["disconnect"], connection.app_id)
         connection.closed.set()

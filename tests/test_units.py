@@ -92,7 +92,7 @@ async def test_router_request_resolves_and_fails_promptly_on_disconnect() -> Non
         await router.send_to_app("other", "{}")
 
     async def answer_when_sent() -> None:
-        frame = await connection.outbox.receive()
+        frame = await connection.outbox.get()
         assert frame == "request-frame"
         connection.pending["m1"].resolve({"response_type": "x", "value": 1})
 
@@ -102,7 +102,7 @@ async def test_router_request_resolves_and_fails_promptly_on_disconnect() -> Non
     assert connection.pending == {}
 
     async def disconnect_when_sent() -> None:
-        await connection.outbox.receive()
+        await connection.outbox.get()
         connection.fail_pending(AppDisconnected)
 
     async with anyio.create_task_group() as tg:
@@ -127,7 +127,7 @@ async def test_broadcast_never_waits_on_a_full_queue_and_closes_the_slow_connect
         assert await router.broadcast("one", exclude_apps=()) == 2
         with anyio.fail_after(1):  # the broadcaster does not wait for the stalled client
             assert await router.broadcast("two", exclude_apps=()) == 2
-        assert [fast.outbox.receive_nowait(), fast.outbox.receive_nowait()] == ["one", "two"]
+        assert [await fast.outbox.get(), await fast.outbox.get()] == ["one", "two"]
         # Nobody reads "stalled": after its grace it is closed with 1013 (its task group cancelled).
     assert stalled.closing
     assert stalled.close_code == WS_TRY_AGAIN_LATER
@@ -138,9 +138,9 @@ async def test_send_waits_for_room_within_the_grace() -> None:
     connection.send_nowait("first")
     async with anyio.create_task_group() as tg:
         tg.start_soon(connection.send, "second")
-        assert connection.outbox.receive_nowait() == "first"
+        assert await connection.outbox.get() == "first"
         with anyio.fail_after(5):
-            assert await connection.outbox.receive() == "second"
+            assert await connection.outbox.get() == "second"
     assert not connection.closing
 
 
@@ -150,8 +150,8 @@ async def test_close_with_flush_queues_behind_earlier_frames() -> None:
     connection.close(1001, "bye", flush=True)
     assert connection.closing
     assert connection.send_nowait("too late") is False
-    assert connection.outbox.receive_nowait() == "last words"
-    close = connection.outbox.receive_nowait()
+    assert await connection.outbox.get() == "last words"
+    close = await connection.outbox.get()
     assert (close.code, close.reason) == (1001, "bye")  # type: ignore[union-attr]
 
 
@@ -184,3 +184,55 @@ def test_full_stack_under_each_backend(anyio_backend: str) -> None:
     runtime = app.state.llmgine
     assert len(runtime.hub) == 0
     assert len(runtime.sessions) == 0
+
+
+async def test_outbox_is_fifo_across_waiting_producers() -> None:
+    from llmgine_ws.outbox import Outbox
+
+    outbox: Outbox[str] = Outbox(2)
+    assert outbox.put_nowait("a")
+    assert outbox.put_nowait("b")
+    assert not outbox.put_nowait("c")
+    async with anyio.create_task_group() as tg:
+        for item in ("c", "d", "e"):
+            tg.start_soon(outbox.put, item)
+            await anyio.wait_all_tasks_blocked()
+        assert not outbox.put_nowait("x")  # nobody jumps the producers already waiting
+        received = [await outbox.get() for _ in range(5)]
+    assert received == ["a", "b", "c", "d", "e"]
+    assert outbox.put_nowait("f")
+
+
+async def test_outbox_close_wakes_everyone() -> None:
+    from llmgine_ws.outbox import Outbox, OutboxClosed
+
+    outbox: Outbox[str] = Outbox(1)
+    outbox.put_nowait("a")
+    outcomes: list[str] = []
+
+    async def producer() -> None:
+        try:
+            await outbox.put("b")
+        except OutboxClosed:
+            outcomes.append("producer refused")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(producer)
+        await anyio.wait_all_tasks_blocked()
+        outbox.close()
+    assert outcomes == ["producer refused"]
+    with pytest.raises(OutboxClosed):
+        await outbox.get()
+    assert outbox.put_nowait("c") is False
+
+
+async def test_outbox_cancelled_producer_leaves_nothing_behind() -> None:
+    from llmgine_ws.outbox import Outbox
+
+    outbox: Outbox[str] = Outbox(1)
+    outbox.put_nowait("a")
+    with anyio.move_on_after(0.01):
+        await outbox.put("never")
+    assert len(outbox) == 1
+    assert await outbox.get() == "a"
+    assert outbox.put_nowait("b")
