@@ -94,6 +94,7 @@ class MessageEndpoint(WebSocketEndpoint):
     async def _read(self, websocket: WebSocket, connection: Connection) -> None:
         max_size = self.runtime.config.max_message_size
         receive = self.receive
+        dispatch = self.runtime.dispatcher.dispatch
         while True:
             message = await receive()
             kind = message["type"]
@@ -117,7 +118,10 @@ class MessageEndpoint(WebSocketEndpoint):
                       size=size, limit=max_size, app_id=connection.app_id, user_id=connection.user_id)
                 connection.close(WS_MESSAGE_TOO_BIG, "message too big")
                 return
-            await self.on_receive(websocket, text if text is not None else message.get("bytes"))
+            if text is not None:
+                dispatch(connection, text)  # the hot path: no coroutine, no await
+            else:
+                await self.on_receive(websocket, message.get("bytes"))
 
     def _rate_limited(self, connection: Connection, limiter: RateLimiter, text: str | None, now: float) -> bool:
         """Answer a message over the rate limit with ``RATE_LIMITED``; False when the connection must go."""

@@ -25,7 +25,7 @@ class OutboxClosed(Exception):
 class Outbox(Generic[T]):
     """Bounded FIFO between any number of producers and one consumer."""
 
-    __slots__ = ("_capacity", "_closed", "_item_ready", "_items", "_waiting_producers")
+    __slots__ = ("_capacity", "_closed", "_item_ready", "_items", "_new_event", "_waiting_producers")
 
     def __init__(self, capacity: int) -> None:
         if capacity < 1:
@@ -35,6 +35,7 @@ class Outbox(Generic[T]):
         self._item_ready: anyio.Event | None = None
         self._waiting_producers: deque[tuple[T, anyio.Event]] = deque()
         self._closed = False
+        self._new_event: type[anyio.Event] | None = None
 
     def __len__(self) -> int:
         return len(self._items) + len(self._waiting_producers)
@@ -76,7 +77,10 @@ class Outbox(Generic[T]):
         while not self._items:
             if self._closed:
                 raise OutboxClosed
-            ready = self._item_ready = anyio.Event()
+            if self._new_event is None:
+                # anyio.Event() looks the backend up on every call; its concrete class does not.
+                self._new_event = type(anyio.Event())
+            ready = self._item_ready = self._new_event()
             await ready.wait()
         item = self._items.popleft()
         if self._waiting_producers:  # hand the room to the longest-waiting producer
