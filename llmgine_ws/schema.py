@@ -16,29 +16,18 @@ Custom messages need no extra work: a type registered with ``Extensions.register
 as a client message (its reply typed from the handler's return annotation when it has one) and a
 type declared with ``Extensions.register_server_message`` as a server message.
 
-The app serves ``GET /api/schema`` (the JSON Schema) and ``GET /api/schema/asyncapi``. From the
-command line::
-
-    python -m llmgine_ws.schema                          # JSON Schema of the core protocol to stdout
-    python -m llmgine_ws.schema --app myapp:app --asyncapi asyncapi.json
-    python -m llmgine_ws.schema --dts llmgine_ws/static/llmgine-ws.d.ts          # regenerate
-    python -m llmgine_ws.schema --dts llmgine_ws/static/llmgine-ws.d.ts --check  # exit 1 if stale
-
-(also installed as the ``llmgine-ws-schema`` script).
+The app serves ``GET /api/schema`` (the JSON Schema) and ``GET /api/schema/asyncapi``; the
+command line is :mod:`llmgine_ws.schemagen` (``llmgine-ws-schema``).
 """
 
 from __future__ import annotations
 
-import argparse
 import collections.abc
 import copy
 import inspect
-import json
-import sys
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, Union
 
@@ -63,7 +52,6 @@ __all__ = [
     "UserInputResponse",
     "build_asyncapi",
     "build_json_schema",
-    "main",
     "server_message_types",
 ]
 
@@ -229,7 +217,7 @@ def _clean_doc(text: str) -> str:
 
 def _first_line(obj: Any, prefix: str) -> str:
     doc = inspect.getdoc(obj) if obj is not None else None
-    if not doc or isinstance(obj, type) and obj.__doc__ is None:
+    if not doc or (isinstance(obj, type) and obj.__doc__ is None):
         return ""
     return prefix + _clean_doc(doc).splitlines()[0]
 
@@ -514,10 +502,10 @@ def build_asyncapi(json_schema: Mapping[str, Any], *, server_url: str | None = N
     if server_url is not None:
         scheme, _, rest = server_url.partition("://")
         host, _, pathname = rest.partition("/")
-        server: dict[str, Any] = {"host": host, "protocol": "wss" if scheme in ("wss", "https") else "ws"}
+        server_object: dict[str, Any] = {"host": host, "protocol": "wss" if scheme in ("wss", "https") else "ws"}
         if pathname:
-            server["pathname"] = "/" + pathname
-        document["servers"] = {"default": server}
+            server_object["pathname"] = "/" + pathname
+        document["servers"] = {"default": server_object}
         document["channels"]["llmgine"]["servers"] = [{"$ref": "#/servers/default"}]
     return document
 
@@ -550,78 +538,3 @@ def _asyncapi_schemas(defs: Mapping[str, Any]) -> dict[str, Any]:
         return node
 
     return {name: convert(copy.deepcopy(schema)) for name, schema in defs.items()}
-
-
-# --------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------
-
-
-def _load_app_schema(target: str, factory: bool) -> ProtocolSchema:
-    from uvicorn.importer import import_from_string
-
-    app = import_from_string(target)
-    if factory:
-        app = app()
-    return ProtocolSchema.of_app(app)
-
-
-def _emit(path: str, text: str, check: bool) -> bool:
-    """Write ``text`` to ``path`` (``-`` = stdout); with ``check``, only compare. True when current."""
-    if path == "-":
-        if not check:
-            sys.stdout.write(text)
-        return True
-    target = Path(path)
-    if check:
-        current = target.read_text(encoding="utf-8") if target.exists() else None
-        if current != text:
-            print(f"{path} is stale: regenerate it with python -m llmgine_ws.schema", file=sys.stderr)
-            return False
-        return True
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(text, encoding="utf-8")
-    return True
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m llmgine_ws.schema`` / ``llmgine-ws-schema``: write the schema documents."""
-    from .typescript import render_dts
-
-    parser = argparse.ArgumentParser(
-        prog="llmgine-ws-schema",
-        description="Generate the llmgine_ws protocol's JSON Schema, AsyncAPI document and TypeScript types. "
-                    "With no output option, prints the JSON Schema.")
-    parser.add_argument("--app", default=None, help="describe this app (module:attr) with its custom messages "
-                        "instead of the core protocol")
-    parser.add_argument("--factory", action="store_true", help="--app names a function returning the app")
-    parser.add_argument("--json", metavar="PATH", help="write the JSON Schema here ('-' for stdout)")
-    parser.add_argument("--asyncapi", metavar="PATH", help="write the AsyncAPI 3.0 document here")
-    parser.add_argument("--dts", metavar="PATH", help="write TypeScript declarations here")
-    parser.add_argument("--protocol-only", action="store_true",
-                        help="--dts: only the message types, without the browser client's API")
-    parser.add_argument("--check", action="store_true", help="compare with the files instead of writing them; "
-                        "exit 1 when one is stale")
-    args = parser.parse_args(argv)
-
-    protocol = _load_app_schema(args.app, args.factory) if args.app else ProtocolSchema.core()
-    schema = protocol.json_schema()
-    outputs: list[tuple[str, str]] = []
-    if args.json:
-        outputs.append((args.json, _dump(schema)))
-    if args.asyncapi:
-        outputs.append((args.asyncapi, _dump(build_asyncapi(schema))))
-    if args.dts:
-        outputs.append((args.dts, render_dts(schema, client_api=not args.protocol_only)))
-    if not outputs:
-        outputs.append(("-", _dump(schema)))
-    current = [_emit(path, text, args.check) for path, text in outputs]
-    return 0 if all(current) else 1
-
-
-def _dump(document: Any) -> str:
-    return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
-
-
-if __name__ == "__main__":
-    sys.exit(main())
