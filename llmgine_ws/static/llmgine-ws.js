@@ -179,6 +179,7 @@ export class LlmgineClient extends EventTarget {
     this._retryTimer = null;
     this._connectTimer = null;
     this._pending = new Map(); // message_id -> {resolve, reject, timer, kind, onEvent, type, cleanup}
+    this._abandoned = new Set(); // requests given up (timeout, abort): their late answers are dropped quietly
     this._requestHandlers = new Map(); // request_type -> handler
     this._running = new Map(); // server_request message_id -> AbortController
     this._notificationHandlers = new Map(); // notification_type | "*" -> Set
@@ -455,6 +456,7 @@ export class LlmgineClient extends EventTarget {
   _failEverything(error) {
     const pending = Array.from(this._pending.entries());
     this._pending.clear();
+    this._abandoned.clear();
     for (const [messageId, entry] of pending) {
       entry.cleanup();
       entry.reject(new DisconnectedError(error.code, error.message, error.details, messageId));
@@ -484,7 +486,7 @@ export class LlmgineClient extends EventTarget {
         }
         this._pending.delete(messageId);
         entry.cleanup();
-        this._sendFrame({ type: "cancel", message_id: newMessageId(), data: { target_message_id: messageId } });
+        this._abandon(messageId);
         reject(new AbortedError(`'${type}' was aborted`, signal.reason, messageId));
       };
       entry = {
@@ -504,8 +506,7 @@ export class LlmgineClient extends EventTarget {
           if (this._pending.get(messageId) !== entry) return;
           this._pending.delete(messageId);
           entry.cleanup();
-          // Nobody waits for the answer any more: let the server stop the work too.
-          this._sendFrame({ type: "cancel", message_id: newMessageId(), data: { target_message_id: messageId } });
+          this._abandon(messageId);
           reject(new RequestTimeoutError(`no answer to '${type}' within ${timeout} ms`, messageId));
         }, timeout);
       }
@@ -513,6 +514,13 @@ export class LlmgineClient extends EventTarget {
     });
     promise.messageId = messageId;
     return promise;
+  }
+
+  /** Nobody waits for this request any more: let the server stop the work, and drop its late answer. */
+  _abandon(messageId) {
+    this._abandoned.add(messageId);
+    if (this._abandoned.size > 1000) this._abandoned.delete(this._abandoned.values().next().value);
+    this._sendFrame({ type: "cancel", message_id: newMessageId(), data: { target_message_id: messageId } });
   }
 
   _settle(message) {
@@ -572,6 +580,7 @@ export class LlmgineClient extends EventTarget {
         break;
       }
       default:
+        if (!message.server_initiated && this._abandoned.delete(message.message_id)) break;
         if (!message.server_initiated && !this._settle(message) && message.type === "error") {
           this._emit("protocolerror", { error: new ServerError(data.code, data.message, data.details ?? null, message.message_id) });
         }

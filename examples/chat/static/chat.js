@@ -25,7 +25,12 @@ let sessionId = null;
 let running = null; // AbortController of the command in progress
 
 // Tests and the console can reach the demo's state.
-window.chatDemo = { client, get sessionId() { return sessionId; }, get busy() { return running !== null; } };
+window.chatDemo = {
+  client,
+  get sessionId() { return sessionId; },
+  get busy() { return running !== null; },
+  stop() { running?.abort(); }, // what the Stop button does (also while a modal dialog makes it unreachable)
+};
 
 // ------------------------------------------------------------------ rendering helpers
 
