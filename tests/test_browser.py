@@ -310,7 +310,10 @@ async def test_server_pings_are_answered_automatically(page: Any, example: Modul
     # Two unanswered pings close a connection: surviving five proves the client answers them.
     async with serve(client_app(example, ping_interval=0.05, missed_pongs=2)) as server:
         app_id = await open_client(page, server)
-        await page.evaluate("() => { window.pings = 0; client.onMessage('server_ping', () => { window.pings += 1; }); }")
+        await page.evaluate("""() => {
+            window.pings = 0;
+            client.onMessage('server_ping', () => { window.pings += 1; });
+        }""")
         await page.wait_for_function("window.pings >= 5")
         assert await page.evaluate("client.state") == "open"
         assert server.runtime.messaging.is_app_connected(app_id)

@@ -31,7 +31,8 @@ CHROMIUM_ARGS = [
 
 def _demo_module() -> Any:
     spec = importlib.util.spec_from_file_location("chat_demo_app", HERE / "app.py")
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
