@@ -345,6 +345,42 @@ async def test_timeouts_aborts_and_close_reject_pending_promises(page: Any, exam
         assert await page.evaluate("log") == []
 
 
+async def test_backoff_grows_exponentially_with_jitter_and_gives_up(page: Any, example: ModuleType) -> None:
+    async with serve(client_app(example)) as server:
+        await open_client(page, server)
+        result = await page.evaluate("""async () => {
+            // A WebSocket that always fails, and one that opens but never says `connected`.
+            class Refused extends EventTarget {
+                constructor() { super(); this.readyState = 0; setTimeout(() => { this.readyState = 3;
+                    this.onclose?.({ code: 1006, reason: '', wasClean: false }); }, 0); }
+                close() {}
+            }
+            class Silent extends EventTarget { constructor() { super(); this.readyState = 1; } close() {} send() {} }
+            const random = Math.random;
+            Math.random = () => 0.5;  // jitter removes 0.5 × 0.5 = 25 % of each delay
+            try {
+                const events = [];
+                const c = new L.LlmgineClient('/api/ws', { WebSocket: Refused, autoConnect: false,
+                    reconnect: { initialDelay: 8, factor: 2, maxDelay: 40, jitter: 0.5, maxRetries: 4 } });
+                for (const name of ['connecting', 'reconnecting', 'closed']) {
+                    c.on(name, (e) => events.push([name, e.detail]));
+                }
+                const outcome = await c.connect().then(() => 'open', (e) => [e.name, e.code]);
+                const silent = new L.LlmgineClient('/api/ws',
+                                                   { WebSocket: Silent, connectTimeout: 20, reconnect: false });
+                const lost = await new Promise((resolve) => silent.on('disconnect', (e) => resolve(e.detail)));
+                return { outcome, events, lost, state: silent.state };
+            } finally { Math.random = random; }
+        }""")
+    delays = [detail["delay"] for name, detail in result["events"] if name == "reconnecting"]
+    assert delays == [6, 12, 24, 30]  # 8, 16, 32, 40 (capped at maxDelay) minus 25 % jitter
+    assert [name for name, _ in result["events"]].count("connecting") == 5
+    assert result["events"][-1] == ["closed", {"code": 1006, "reason": ""}]
+    assert result["outcome"] == ["DisconnectedError", "CLOSED"]
+    assert result["lost"]["code"] == 4008 and "connected" in result["lost"]["reason"]
+    assert result["state"] == "closed"
+
+
 async def test_server_restart_rejects_pending_promises_and_the_client_reconnects(
         page: Any, example: ModuleType) -> None:
     sock = listening_socket()
