@@ -513,7 +513,7 @@ export interface LlmgineClientOptions {
   connectTimeout?: number;
   /** Reconnect with exponential backoff and jitter (default on); `false` turns it off. */
   reconnect?: boolean | ReconnectOptions;
-  /** Connect right away (default true; `connect()` then just waits). */
+  /** Connect by itself (default true), in a microtask: listeners added right after `new` see every event. */
   autoConnect?: boolean;
   /** The WebSocket class to use (default `globalThis.WebSocket`). */
   WebSocket?: typeof WebSocket;

@@ -185,7 +185,13 @@ export class LlmgineClient extends EventTarget {
     this._notificationHandlers = new Map(); // notification_type | "*" -> Set
     this._messageHandlers = new Map(); // type | "*" -> Set
     this._onOnline = () => this.reconnectNow();
-    if (options.autoConnect !== false) this.connect().catch(() => {});
+    // Connect in a microtask, so that listeners added right after `new` see the first events too.
+    this._autoConnect = options.autoConnect !== false;
+    if (this._autoConnect) {
+      queueMicrotask(() => {
+        if (this._autoConnect) this.connect().catch(() => {});
+      });
+    }
   }
 
   // -------------------------------------------------------------------- connection state
@@ -200,6 +206,7 @@ export class LlmgineClient extends EventTarget {
    * Rejects with a `DisconnectedError` if the client is closed first, or a `RequestTimeoutError` after `timeout` ms.
    */
   connect({ timeout } = {}) {
+    this._autoConnect = false;
     if (this.state === "idle" || this.state === "closed") {
       this._attempt = 0;
       if (globalThis.addEventListener) globalThis.addEventListener("online", this._onOnline);
@@ -211,7 +218,7 @@ export class LlmgineClient extends EventTarget {
   /** Resolve with the app_id when the connection is (next) open; never starts a connection. */
   opened({ timeout } = {}) {
     if (this.state === "open") return Promise.resolve(this.appId);
-    if (this.state === "idle" || this.state === "closed") {
+    if ((this.state === "idle" && !this._autoConnect) || this.state === "closed") {
       return Promise.reject(new DisconnectedError("NOT_CONNECTED", `the client is ${this.state}`));
     }
     return new Promise((resolve, reject) => {
@@ -234,6 +241,7 @@ export class LlmgineClient extends EventTarget {
 
   /** Close for good: no reconnect; every pending promise is rejected with `DisconnectedError` (code `CLOSED`). */
   close(code = 1000, reason = "client closed") {
+    this._autoConnect = false;
     if (this.state === "closed") return;
     this._openSeq += 1;
     if (globalThis.removeEventListener) globalThis.removeEventListener("online", this._onOnline);
