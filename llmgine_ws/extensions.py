@@ -40,7 +40,7 @@ CORE_CLIENT_TYPES = frozenset(
 CORE_SERVER_TYPES = frozenset(
     {"connected", "ping_res", "create_session_res", "status_res", "close_session_res", "error",
      "server_request", "notification", "server_ping", "engine_event", "create_engine_res",
-     "engine_command_res", "cancel_res", "delete_engine_res"}
+     "engine_command_res", "cancel_res", "delete_engine_res", "server_request_cancelled"}
 )
 
 

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import hmac
 import logging
+from pathlib import Path
 from typing import Any
 
 import msgspec
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from .audit import audit
-from .protocol import CORE_SERVER_MESSAGES, utcnow
+from .protocol import utcnow
 from .runtime import Runtime
+from .schema import ProtocolSchema, build_asyncapi, server_message_types
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+CLIENT_FILES = {
+    "llmgine-ws.js": "text/javascript; charset=utf-8",
+    "llmgine-ws.d.ts": "application/typescript; charset=utf-8",
+}
+"""What ``GET /api/client/{name}`` serves: the browser client and its TypeScript declarations."""
 
 
 class JSONResponse(Response):
@@ -27,10 +36,12 @@ class JSONResponse(Response):
 
 
 class StatusRoutes:
-    """``/health``, ``/health/live``, ``/health/ready``, ``/api/info`` and ``/api/connections``."""
+    """``/health``, ``/health/live``, ``/health/ready``, ``/api/info``, ``/api/connections``, ``/api/schema``,
+    ``/api/schema/asyncapi`` and the browser client under ``/api/client/``."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        self._schema: dict[str, Any] | None = None
 
     def routes(self) -> list[BaseRoute]:
         """The routes, to be added to the app."""
@@ -40,6 +51,9 @@ class StatusRoutes:
             Route("/health/ready", self.ready, methods=["GET"]),
             Route("/api/info", self.info, methods=["GET"]),
             Route("/api/connections", self.connections, methods=["GET"]),
+            Route("/api/schema", self.schema, methods=["GET"]),
+            Route("/api/schema/asyncapi", self.asyncapi, methods=["GET"]),
+            Route("/api/client/{name}", self.client_file, methods=["GET", "HEAD"]),
         ]
 
     async def health(self, request: Request) -> Response:
@@ -105,8 +119,7 @@ class StatusRoutes:
             },
             "message_types": {
                 "client": sorted(runtime.dispatcher.specs),
-                "server": sorted({*CORE_SERVER_MESSAGES, "engine_event", "create_engine_res", "engine_command_res",
-                                  "cancel_res", "delete_engine_res", *extensions.server_messages}),
+                "server": sorted(server_message_types(runtime.dispatcher.specs.values(), extensions.server_messages)),
             },
             "custom_message_types": custom_client,
             "custom_server_message_types": sorted(extensions.server_messages),
@@ -159,3 +172,27 @@ class StatusRoutes:
             message = "set LLMGINE_API_ADMIN_TOKEN to use this endpoint on an authenticated server"
             return JSONResponse({"error": "FORBIDDEN", "message": message}, status_code=403)
         return None
+
+    def _json_schema(self) -> dict[str, Any]:
+        # Registration closed when the app was made, so the schema never changes: build it once.
+        if self._schema is None:
+            self._schema = ProtocolSchema.of_runtime(self.runtime).json_schema()
+        return self._schema
+
+    async def schema(self, request: Request) -> Response:
+        """JSON Schema (2020-12) of every client and server message, custom ones included."""
+        return JSONResponse(self._json_schema(), media_type="application/schema+json")
+
+    async def asyncapi(self, request: Request) -> Response:
+        """AsyncAPI 3.0 document of the WebSocket channel (``servers`` points at this host)."""
+        scheme = "wss" if request.url.scheme in ("https", "wss") else "ws"
+        base = str(request.base_url).rstrip("/").split("://", 1)[1]
+        return JSONResponse(build_asyncapi(self._json_schema(), server_url=f"{scheme}://{base}"))
+
+    async def client_file(self, request: Request) -> Response:
+        """The browser client ``llmgine-ws.js`` (an ES module) and its ``llmgine-ws.d.ts``."""
+        name = request.path_params["name"]
+        media_type = CLIENT_FILES.get(name)
+        if media_type is None:
+            return PlainTextResponse("not found", status_code=404)
+        return FileResponse(STATIC_DIR / name, media_type=media_type, headers={"Cache-Control": "no-cache"})

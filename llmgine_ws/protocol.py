@@ -198,6 +198,16 @@ class ServerRequestData(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     request_type: str
 
 
+class ServerRequestCancelledData(msgspec.Struct, frozen=True, kw_only=True):
+    """``server_request_cancelled``: the server withdrew the ``server_request`` with ``message_id``.
+
+    The client should close that request's dialog and stop its handler; an answer is no longer read.
+    """
+
+    message_id: str
+    reason: Literal["timeout", "cancelled"]
+
+
 # --------------------------------------------------------------------------------------------
 # Decoding
 # --------------------------------------------------------------------------------------------
@@ -321,6 +331,7 @@ CORE_SERVER_MESSAGES: Mapping[str, Any] = MappingProxyType(
         "server_ping": ServerPingData,
         "server_request": ServerRequestData,
         "notification": NotificationData,
+        "server_request_cancelled": ServerRequestCancelledData,
     }
 )
 """Payload type of every message the core server sends, by ``type`` (used by the schema)."""

@@ -53,13 +53,21 @@ def listening_socket() -> socket.socket:
 
 
 @asynccontextmanager
-async def serve(app: Any, *, ws_path: str = "/api/ws", **uvicorn_options: Any) -> AsyncIterator[LiveServer]:
+async def serve(
+    app: Any, *, ws_path: str = "/api/ws", sock: socket.socket | None = None, **uvicorn_options: Any
+) -> AsyncIterator[LiveServer]:
     """Serve ``app`` with uvicorn on an ephemeral port for the duration of the block.
 
-    Fails the test if uvicorn logs an unhandled exception from the app.
+    With ``sock`` (a :func:`listening_socket` the caller keeps open), serve on that socket instead:
+    a later ``serve`` on the same socket restarts the server on the same port, and clients that
+    connect in between wait in the kernel's backlog. Fails the test if uvicorn logs an unhandled
+    exception from the app.
     """
-    sock = listening_socket()
-    port = sock.getsockname()[1]
+    own = sock is None
+    listener = listening_socket() if sock is None else sock
+    port = listener.getsockname()[1]
+    # uvicorn closes the sockets it serves on when it stops: give it a duplicate of a caller's socket.
+    sock = listener if own else listener.dup()
     options: dict[str, Any] = {"log_level": "warning", "lifespan": "on", "ws_per_message_deflate": False,
                                "proxy_headers": False}
     options.update(uvicorn_options)
@@ -77,6 +85,8 @@ async def serve(app: Any, *, ws_path: str = "/api/ws", **uvicorn_options: Any) -
     finally:
         uvicorn_logger.removeHandler(errors)
         sock.close()
+        if own:
+            listener.close()
     crashes = [r for r in errors.records if "Exception in ASGI application" in r.getMessage()]
     assert not crashes, f"the app raised into uvicorn: {[r.getMessage() for r in crashes]}"
 

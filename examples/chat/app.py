@@ -1,0 +1,73 @@
+"""The chat demo: a single-page chat UI in the browser for the example chat engine.
+
+The page (``examples/chat/static/``) uses the browser client the app serves at
+``/api/client/llmgine-ws.js``; the engine, the ``translate`` message and the backend are those of
+``examples/custom_engine_example.py`` (imported, not copied). Run it and open the page::
+
+    python examples/chat/app.py            # http://127.0.0.1:8000/
+
+Query parameters of the page: ``?token_delay=0.03`` (seconds between streamed tokens) and
+``?name=Ada`` (the engine's name) go to ``create_engine``'s config; ``?reconnect_delay=500`` is the
+first reconnect delay in ms.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from llmgine_ws import APIConfig, get_runtime
+
+HERE = Path(__file__).resolve().parent
+STATIC = HERE / "static"
+
+
+def load_engine_example() -> ModuleType:
+    """``examples/custom_engine_example.py`` as a module (the examples folder is not a package)."""
+    name = "custom_engine_example"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, HERE.parent / "custom_engine_example.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_demo_app(config: APIConfig | None = None) -> Starlette:
+    """The example app with the chat page in front of it: ``/`` is the page, the rest is the example app."""
+    inner: Any = load_engine_example().build_app(config)
+
+    async def index(request: Request) -> Response:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app = Starlette(
+        routes=[
+            Route("/", index, methods=["GET"]),
+            Mount("/chat", StaticFiles(directory=STATIC), name="chat"),
+            Mount("/", app=inner),
+        ],
+        lifespan=inner.router.lifespan_context,  # a mounted app's lifespan runs only if the host runs it
+    )
+    app.state.llmgine = get_runtime(inner)
+    return app
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    uvicorn.run(build_demo_app(), host=os.environ.get("LLMGINE_API_HOST", "127.0.0.1"),
+                port=int(os.environ.get("LLMGINE_API_PORT", "8000")))
