@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import uvicorn
 
 from .config import APIConfig, ConfigError
+from .logconfig import logging_config
 
 DEFAULT_APP = "llmgine_ws.main:app"
 
@@ -28,8 +29,10 @@ def build_parser(config: APIConfig) -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=None, help="worker processes (needs a backplane to share "
                         "messaging across them)")
     parser.add_argument("--fd", type=int, default=None, help="serve on this already-bound socket file descriptor")
-    parser.add_argument("--log-level", default="debug" if config.debug else "info",
-                        choices=["critical", "error", "warning", "info", "debug", "trace"])
+    parser.add_argument("--log-level", default="debug" if config.debug else config.log_level,
+                        choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument("--log-format", default=config.log_format, choices=["text", "json"],
+                        help="log lines as text or JSON (default from LLMGINE_API_LOG_FORMAT)")
     parser.add_argument("--ssl-keyfile", default=None, help="TLS private key (serve wss:// and https://)")
     parser.add_argument("--ssl-certfile", default=None, help="TLS certificate chain")
     return parser
@@ -52,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             fd=args.fd,
             workers=args.workers,
             log_level=args.log_level,
+            log_config=logging_config(args.log_format, args.log_level),
             lifespan="on",
             # Client addresses are resolved by llmgine_ws itself from LLMGINE_API_TRUSTED_PROXIES;
             # uvicorn rewriting them first (it trusts 127.0.0.1 by default) would bypass that list.

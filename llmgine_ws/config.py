@@ -6,7 +6,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -39,6 +39,10 @@ class APIConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields
     """Interface the CLI binds to. Loopback by default; use ``0.0.0.0`` in a container."""
     port: int = 8000
     debug: bool = False
+
+    log_format: Literal["text", "json"] = "text"
+    """Log output of the CLI: ``text`` lines or ``json`` lines (see llmgine_ws.logconfig)."""
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     ws_path: str = "/api/ws"
     """Path of the WebSocket endpoint inside the app."""
@@ -79,8 +83,12 @@ class APIConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields
     callback_timeout: float = 10.0
     """Deadline for each connection/session callback (seconds); a slow one is abandoned and logged."""
 
+    drain_timeout: float = 10.0
+    """On shutdown, how long running handlers and engine commands may take to finish (seconds)."""
     shutdown_timeout: float = 10.0
-    """Upper bound on how long shutdown waits for connections to finish closing (seconds)."""
+    """After the drain, how long shutdown waits for connections to finish closing (seconds)."""
+    handle_signals: bool = True
+    """Drain on SIGTERM/SIGINT before the server closes its sockets (then pass the signal on)."""
 
     # ---- security: authentication (see llmgine_ws.auth) ----
     api_keys: list[str] = msgspec.field(default_factory=list)
@@ -121,6 +129,9 @@ class APIConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields
     """Broadcasts per second the server may send (token bucket); past it ``broadcast`` raises ``RateLimited``."""
     broadcast_burst: int = 100
 
+    metrics: bool = True
+    """Serve Prometheus metrics at ``/metrics`` (when the ``metrics`` extra is installed)."""
+
     custom: dict[str, Any] = msgspec.field(default_factory=dict)
     """Free-form settings for your extensions (``LLMGINE_API_CUSTOM`` takes a JSON object)."""
 
@@ -133,8 +144,8 @@ class APIConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields
         if self.port > 65535:
             raise ValueError("port must be <= 65535")
         for name in ("session_timeout", "session_reap_interval", "server_request_timeout", "send_grace",
-                     "shutdown_timeout", "engine_start_timeout", "engine_stop_timeout", "engine_idle_timeout",
-                     "callback_timeout"):
+                     "shutdown_timeout", "drain_timeout", "engine_start_timeout", "engine_stop_timeout",
+                     "engine_idle_timeout", "callback_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0")
         if self.rate_limit < 0 or self.broadcast_rate_limit < 0:

@@ -16,8 +16,8 @@ import anyio
 from anyio.abc import TaskGroup
 from starlette.websockets import WebSocket
 
-from .audit import audit
-from .errors import AppDisconnected
+from .audit import AuditLog
+from .errors import AppDisconnected, ErrorCode, ProtocolError
 from .outbox import Outbox, OutboxClosed
 from .protocol import utcnow
 from .security import RateLimiter
@@ -91,6 +91,7 @@ class Connection:
         send_grace: float,
         principal: Any = None,
         client_ip: str | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.app_id = app_id
         self.websocket = websocket
@@ -98,6 +99,7 @@ class Connection:
         """Who authenticated this connection (``None`` without an authenticator)."""
         self.client_ip = client_ip
         """The client's address (after trusted-proxy resolution)."""
+        self._audit = audit or AuditLog()
         self.rate_limiter: RateLimiter | None = None
         self.rate_limit_noted = False
         self.connected_at: datetime = utcnow()
@@ -107,6 +109,7 @@ class Connection:
         """Server requests sent to this app and waiting for its ``server_response``, by message_id."""
         self.in_flight: dict[str, anyio.CancelScope] = {}
         """Client requests being handled right now, by message_id (their handlers' cancel scopes)."""
+        self._idle: anyio.Event | None = None
         self.unanswered_pings: dict[str, float] = {}
         self.close_code: int | None = None
         self.close_reason = ""
@@ -144,6 +147,36 @@ class Connection:
         self._task_group.start_soon(func, *args)
         return True
 
+    def begin_request(self, message_id: str, limit: int) -> anyio.CancelScope:
+        """Register a client request about to be handled; its cancel scope lets ``cancel`` stop it.
+
+        Raises ``DUPLICATE_MESSAGE_ID`` if a request with this id is still running and
+        ``TOO_MANY_REQUESTS`` past ``limit`` requests in flight.
+        """
+        if message_id in self.in_flight:
+            raise ProtocolError(ErrorCode.DUPLICATE_MESSAGE_ID, "a request with this message_id is still running",
+                                {"message_id": message_id})
+        if len(self.in_flight) >= limit:
+            raise ProtocolError(ErrorCode.TOO_MANY_REQUESTS, "too many requests in flight on this connection",
+                                {"limit": limit})
+        scope = self.in_flight[message_id] = anyio.CancelScope()
+        return scope
+
+    def end_request(self, message_id: str, scope: anyio.CancelScope) -> None:
+        """Forget a finished request (and wake :meth:`wait_idle` when it was the last)."""
+        if self.in_flight.get(message_id) is scope:
+            del self.in_flight[message_id]
+        if not self.in_flight and self._idle is not None:
+            self._idle.set()
+            self._idle = None
+
+    async def wait_idle(self) -> None:
+        """Wait until no client request is being handled on this connection."""
+        while self.in_flight:
+            if self._idle is None:
+                self._idle = anyio.Event()
+            await self._idle.wait()
+
     def send_nowait(self, frame: str) -> bool:
         """Queue a frame without waiting; False if the queue is full or the connection is closing."""
         return not self.closing and self.outbox.put_nowait(frame)
@@ -164,9 +197,7 @@ class Connection:
                 return
             except OutboxClosed:
                 raise AppDisconnected(self.app_id) from None
-        audit("forced_close", level=logging.WARNING, code=WS_TRY_AGAIN_LATER, reason="outbound queue full",
-              grace=self._send_grace, app_id=self.app_id, user_id=self.user_id)
-        self.close(WS_TRY_AGAIN_LATER, "outbound queue full: client too slow")
+        self.force_close(WS_TRY_AGAIN_LATER, "outbound queue full", grace=self._send_grace)
         raise AppDisconnected(self.app_id)
 
     def send_soon(self, frame: str) -> None:
@@ -195,6 +226,12 @@ class Connection:
         self.closing = True
         if self._task_group is not None:
             self._task_group.cancel_scope.cancel()
+
+    def force_close(self, code: int, reason: str, **details: Any) -> None:
+        """Close the connection for a policy reason, right away, with an audit record."""
+        self._audit("forced_close", level=logging.WARNING, code=code, reason=reason, app_id=self.app_id,
+                    user_id=self.user_id, client_ip=self.client_ip, **details)
+        self.close(code, reason)
 
     def fail_pending(self, error_factory: Callable[[str, str], Exception]) -> int:
         """Fail every pending server request (each waiter gets its own exception); returns the count."""

@@ -7,13 +7,14 @@ connection's task group, plain ``def`` handlers (trivial by contract) run inline
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import msgspec
 
-from .connection import Connection
+from .connection import WS_POLICY_VIOLATION, Connection
 from .context import HandlerContext
 from .errors import AppDisconnected, ErrorCode, ProtocolError
 from .extensions import HandlerSpec
@@ -25,6 +26,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("llmgine_ws.dispatch")
 
+ANSWERS = frozenset({"server_response", "server_pong"})
+"""Answers to the server's own requests: never rate-limited (the server bounds how many it asks)."""
+
+ALLOWED_WHILE_DRAINING = frozenset({"server_response", "server_pong", "cancel", "ping", "status"})
+"""What a draining server still answers: what lets running work finish, and harmless reads."""
+
 
 class Dispatcher:
     """The decoder and dispatch table of one app, built once from every registered message type."""
@@ -33,6 +40,7 @@ class Dispatcher:
         self._runtime = runtime
         self._encoder = runtime.encoder
         self._max_inflight = runtime.config.max_inflight_requests
+        self._metrics = runtime.metrics
         self.specs: dict[str, HandlerSpec] = {}
         self._table: dict[type[ClientMessage], HandlerSpec] = {}
         envelopes: dict[str, type[ClientMessage]] = {}
@@ -50,28 +58,57 @@ class Dispatcher:
             message: Any = self.decoder.decode(text)
         except (msgspec.DecodeError, RecursionError) as exc:
             readable_id, error = self.decoder.explain(text, exc)
-            connection.send_soon(self._encoder.error(readable_id, error))
+            if self.admit(connection, readable_id):
+                connection.send_soon(self._encoder.error(readable_id, error))
             return
         spec = self._table[type(message)]
         message_id: str = message.message_id
+        if spec.message_type not in ANSWERS and not self.admit(connection, message_id):
+            return
+        if self._metrics is not None:
+            self._metrics.message_in(spec.message_type)
+        if self._runtime.shutting_down and spec.message_type not in ALLOWED_WHILE_DRAINING:
+            connection.send_soon(self._encoder.error(message_id, ProtocolError(
+                ErrorCode.SHUTTING_DOWN, "the server is shutting down; reconnect shortly",
+                {"message_type": spec.message_type})))
+            return
         ctx = HandlerContext(self._runtime, connection, spec.message_type, message_id)
         if spec.inline:
             self._run_inline(spec, message.data, ctx)
             return
-        in_flight = connection.in_flight
-        if message_id in in_flight:
-            error = ProtocolError(ErrorCode.DUPLICATE_MESSAGE_ID, "a request with this message_id is still running",
-                                  {"message_id": message_id})
-            connection.send_soon(self._encoder.error(message_id, error))
+        try:
+            scope = connection.begin_request(message_id, self._max_inflight)
+        except ProtocolError as exc:
+            connection.send_soon(self._encoder.error(message_id, exc))
             return
-        if len(in_flight) >= self._max_inflight:
-            error = ProtocolError(ErrorCode.TOO_MANY_REQUESTS, "too many requests in flight on this connection",
-                                  {"limit": self._max_inflight})
-            connection.send_soon(self._encoder.error(message_id, error))
-            return
-        scope = anyio.CancelScope()
-        if connection.spawn(self._run, spec, message.data, ctx, scope):
-            in_flight[message_id] = scope
+        if not connection.spawn(self._run, spec, message.data, ctx, scope, time.monotonic()):
+            connection.end_request(message_id, scope)
+
+    def admit(self, connection: Connection, message_id: str | None) -> bool:
+        """Apply the connection's rate limit to one incoming frame.
+
+        Over the limit: answer ``RATE_LIMITED`` (with ``retry_after``) and drop the frame; once the
+        strike budget is spent too, close the connection (1008). Answers to the server's own
+        requests are exempt: the server bounds those itself.
+        """
+        limiter = connection.rate_limiter
+        if limiter is None:
+            return True
+        now = time.monotonic()
+        if limiter.messages.take(now):
+            connection.rate_limit_noted = False
+            return True
+        if not limiter.strikes.take(now):
+            connection.force_close(WS_POLICY_VIOLATION, "rate limit exceeded")
+            return False
+        if not connection.rate_limit_noted:  # once per episode, not once per message: no log flooding
+            connection.rate_limit_noted = True
+            self._runtime.audit("limit_hit", level=logging.WARNING, limit="rate", app_id=connection.app_id,
+                                user_id=connection.user_id, client_ip=connection.client_ip)
+        connection.send_soon(self._encoder.error(message_id, ProtocolError(
+            ErrorCode.RATE_LIMITED, "too many messages: slow down",
+            {"retry_after": round(limiter.messages.retry_after(), 3)})))
+        return False
 
     def _run_inline(self, spec: HandlerSpec, data: Any, ctx: HandlerContext) -> None:
         try:
@@ -85,7 +122,8 @@ class Dispatcher:
             frame = self._internal_error(spec, ctx)
         ctx.connection.send_soon(frame)
 
-    async def _run(self, spec: HandlerSpec, data: Any, ctx: HandlerContext, scope: anyio.CancelScope) -> None:
+    async def _run(self, spec: HandlerSpec, data: Any, ctx: HandlerContext, scope: anyio.CancelScope,
+                   arrived: float) -> None:
         connection = ctx.connection
         try:
             with scope:
@@ -103,12 +141,13 @@ class Dispatcher:
         except Exception:
             frame = self._internal_error(spec, ctx)
         finally:
-            if connection.in_flight.get(ctx.message_id) is scope:
-                del connection.in_flight[ctx.message_id]
+            connection.end_request(ctx.message_id, scope)
         try:
             await connection.send(frame)
         except AppDisconnected:
             pass
+        if self._metrics is not None:
+            self._metrics.request_done(spec.message_type, time.monotonic() - arrived)
 
     def _internal_error(self, spec: HandlerSpec, ctx: HandlerContext) -> str:
         logger.exception("handler for %r raised", spec.message_type,

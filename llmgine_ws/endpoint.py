@@ -16,13 +16,11 @@ from starlette.endpoints import WebSocketEndpoint
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketState
 
-from .audit import audit
-from .connection import WS_INTERNAL_ERROR, WS_MESSAGE_TOO_BIG, WS_POLICY_VIOLATION, CloseRequest, Connection
+from .connection import WS_INTERNAL_ERROR, WS_MESSAGE_TOO_BIG, CloseRequest, Connection
 from .errors import AppDisconnected, ErrorCode, ProtocolError
 from .outbox import OutboxClosed
 from .protocol import ServerPingData, new_message_id, utcnow
 from .runtime import Runtime
-from .security import RateLimiter
 
 logger = logging.getLogger("llmgine_ws.endpoint")
 
@@ -104,41 +102,16 @@ class MessageEndpoint(WebSocketEndpoint):
                 return
             if kind != "websocket.receive":
                 continue
-            now = connection.last_activity = time.monotonic()
-            limiter = connection.rate_limiter
-            if limiter is not None and not limiter.messages.take(now):
-                if not self._rate_limited(connection, limiter, message.get("text"), now):
-                    return
-                continue
-            connection.rate_limit_noted = False
+            connection.last_activity = time.monotonic()
             text = message.get("text")
             size = len(text) if text is not None else len(message.get("bytes") or b"")
             if size > max_size:
-                audit("forced_close", level=logging.WARNING, code=WS_MESSAGE_TOO_BIG, reason="message too big",
-                      size=size, limit=max_size, app_id=connection.app_id, user_id=connection.user_id)
-                connection.close(WS_MESSAGE_TOO_BIG, "message too big")
+                connection.force_close(WS_MESSAGE_TOO_BIG, "message too big", size=size, limit=max_size)
                 return
             if text is not None:
                 dispatch(connection, text)  # the hot path: no coroutine, no await
-            else:
+            elif self.runtime.dispatcher.admit(connection, None):
                 await self.on_receive(websocket, message.get("bytes"))
-
-    def _rate_limited(self, connection: Connection, limiter: RateLimiter, text: str | None, now: float) -> bool:
-        """Answer a message over the rate limit with ``RATE_LIMITED``; False when the connection must go."""
-        if not limiter.strikes.take(now):
-            audit("forced_close", level=logging.WARNING, code=WS_POLICY_VIOLATION, reason="sustained rate-limit abuse",
-                  app_id=connection.app_id, user_id=connection.user_id, client_ip=connection.client_ip)
-            connection.close(WS_POLICY_VIOLATION, "rate limit exceeded")
-            return False
-        if not connection.rate_limit_noted:  # once per episode, not once per message: no log flooding
-            connection.rate_limit_noted = True
-            audit("limit_hit", level=logging.WARNING, limit="rate", app_id=connection.app_id,
-                  user_id=connection.user_id, client_ip=connection.client_ip)
-        retry_after = round(limiter.messages.retry_after(), 3)
-        message_id = self.runtime.dispatcher.decoder.message_id_of(text) if text is not None else None
-        connection.send_soon(self.runtime.encoder.error(message_id, ProtocolError(
-            ErrorCode.RATE_LIMITED, "too many messages: slow down", {"retry_after": retry_after})))
-        return True
 
     async def _write(self, websocket: WebSocket, connection: Connection) -> None:
         send = self.send
@@ -164,9 +137,8 @@ class MessageEndpoint(WebSocketEndpoint):
         while True:
             await anyio.sleep(interval)
             if len(connection.unanswered_pings) >= allowed_misses:
-                audit("forced_close", level=logging.WARNING, code=WS_INTERNAL_ERROR, reason="server pings unanswered",
-                      missed=len(connection.unanswered_pings), app_id=connection.app_id, user_id=connection.user_id)
-                connection.close(WS_INTERNAL_ERROR, "keepalive timeout: server_ping not answered")
+                connection.force_close(WS_INTERNAL_ERROR, "server pings unanswered",
+                                       missed=len(connection.unanswered_pings))
                 return
             message_id = new_message_id()
             connection.unanswered_pings[message_id] = time.monotonic()

@@ -151,12 +151,13 @@ class EngineContext:
 class QueuedCommand:
     """A command waiting for (or holding) its engine."""
 
-    __slots__ = ("command", "message_id", "scope")
+    __slots__ = ("arrived", "command", "message_id", "scope")
 
     def __init__(self, message_id: str, command: Any, scope: anyio.CancelScope) -> None:
         self.message_id = message_id
         self.command = command
         self.scope = scope
+        self.arrived = time.monotonic()
 
 
 class EngineHandle:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from typing import TYPE_CHECKING, Annotated, Any
 
 import anyio
@@ -226,17 +227,11 @@ def engine_command(data: EngineCommandData, ctx: HandlerContext) -> Any:
     """
     handle = _live_engine(ctx, data.session_id)
     connection = ctx.connection
-    if ctx.message_id in connection.in_flight:
-        raise ProtocolError(ErrorCode.DUPLICATE_MESSAGE_ID, "a request with this message_id is still running",
-                            {"message_id": ctx.message_id})
-    if len(connection.in_flight) >= ctx.runtime.config.max_inflight_requests:
-        raise ProtocolError(ErrorCode.TOO_MANY_REQUESTS, "too many requests in flight on this connection",
-                            {"limit": ctx.runtime.config.max_inflight_requests})
-    scope = anyio.CancelScope()
+    scope = connection.begin_request(ctx.message_id, ctx.runtime.config.max_inflight_requests)
     if not handle.submit(QueuedCommand(ctx.message_id, data.command, scope)):
+        connection.end_request(ctx.message_id, scope)
         raise ProtocolError(ErrorCode.ENGINE_BUSY, "the engine cannot take more commands right now",
                             {"session_id": data.session_id})
-    connection.in_flight[ctx.message_id] = scope
     return NO_REPLY
 
 
@@ -276,6 +271,8 @@ async def _serve_commands(runtime: Runtime, connection: Connection, handle: Engi
                 await connection.send(frame)
             except AppDisconnected:
                 return
+            if runtime.metrics is not None:
+                runtime.metrics.request_done("engine_command", time.monotonic() - queued.arrived)
 
 
 async def _run_command(
@@ -302,7 +299,7 @@ async def _run_command(
         failure = f"{type(exc).__name__}: the engine failed on this command"
     finally:
         handle.current = None
-        connection.in_flight.pop(queued.message_id, None)
+        connection.end_request(queued.message_id, queued.scope)
         handle.touch()
         if not handle.stopped:
             handle.status = "idle"

@@ -12,7 +12,6 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from .audit import audit
 from .protocol import utcnow
 from .runtime import Runtime
 from .schema import ProtocolSchema, build_asyncapi, server_message_types
@@ -51,6 +50,7 @@ class StatusRoutes:
             Route("/health/ready", self.ready, methods=["GET"]),
             Route("/api/info", self.info, methods=["GET"]),
             Route("/api/connections", self.connections, methods=["GET"]),
+            Route("/metrics", self.metrics, methods=["GET"]),
             Route("/api/schema", self.schema, methods=["GET"]),
             Route("/api/schema/asyncapi", self.asyncapi, methods=["GET"]),
             Route("/api/client/{name}", self.client_file, methods=["GET", "HEAD"]),
@@ -158,13 +158,26 @@ class StatusRoutes:
             "connections": connections,
         })
 
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus metrics (text exposition format); behind the admin token when one is set."""
+        metrics = self.runtime.metrics
+        if metrics is None:
+            return PlainTextResponse('metrics are off: install "llmgine-ws[metrics]" (and keep metrics=true)\n',
+                                     status_code=404)
+        if self.runtime.config.admin_token:
+            refusal = self._admin_refusal(request)
+            if refusal is not None:
+                return refusal
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
     def _admin_refusal(self, request: Request) -> Response | None:
         admin_token = self.runtime.config.admin_token
         if admin_token:
             scheme, _, presented = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), admin_token.encode()):
                 return None
-            audit("admin_refused", level=logging.WARNING, path=request.url.path,
+            self.runtime.audit("admin_refused", level=logging.WARNING, path=request.url.path,
                   client_ip=request.client.host if request.client else None)
             return JSONResponse({"error": "UNAUTHORIZED", "message": "this endpoint needs the admin token"},
                                 status_code=401, headers={"WWW-Authenticate": "Bearer"})

@@ -11,7 +11,7 @@ import anyio
 import msgspec
 from anyio.from_thread import BlockingPortal
 
-from .audit import audit
+from .audit import AuditLog
 from .errors import AppDisconnected, MessagingError, RateLimited, ServerRequestFailed, SessionNotFound
 from .protocol import FrameEncoder, new_message_id
 from .routing import Router
@@ -43,12 +43,14 @@ class MessagingAPI:
 
     def __init__(self, router: Router, encoder: FrameEncoder, *, default_timeout: float,
                  broadcast_limit: TokenBucket | None = None,
-                 user_of: Callable[[str], str | None] = lambda app_id: None) -> None:
+                 user_of: Callable[[str], str | None] = lambda app_id: None,
+                 audit: AuditLog | None = None) -> None:
         self._router = router
         self._encoder = encoder
         self._default_timeout = default_timeout
         self._broadcast_limit = broadcast_limit
         self._user_of = user_of
+        self._audit = audit or AuditLog()
         self._portal: BlockingPortal | None = None
 
     async def send_to_app(self, app_id: str, message_type: str, data: Any = None) -> None:
@@ -93,7 +95,7 @@ class MessagingAPI:
         request_type = payload.get("request_type") if isinstance(payload, Mapping) else None
         record: dict[str, Any] = {"app_id": app_id, "user_id": self._user_of(app_id), "message_type": message_type,
                   "message_id": message_id, "request_type": request_type}
-        audit("server_request", outcome="sent", **record)
+        self._audit("server_request", outcome="sent", **record)
         started = time.monotonic()
         outcome = "cancelled"  # what happened, for the audit log and (when unanswered) for the client
         try:
@@ -113,7 +115,7 @@ class MessagingAPI:
         finally:
             if outcome in ("timed_out", "cancelled"):
                 await self._withdraw(app_id, message_id, "timeout" if outcome == "timed_out" else "cancelled")
-            audit("server_request", outcome=outcome, duration=round(time.monotonic() - started, 4), **record)
+            self._audit("server_request", outcome=outcome, duration=round(time.monotonic() - started, 4), **record)
         if answer.get("error") is not None:
             raise ServerRequestFailed(app_id, message_id, answer["error"], answer)
         return ServerResponse(type="server_response", message_id=message_id, app_id=app_id, data=answer)
@@ -139,7 +141,7 @@ class MessagingAPI:
         """
         limit = self._broadcast_limit
         if limit is not None and not limit.take():
-            audit("limit_hit", level=logging.WARNING, limit="broadcast", message_type=message_type)
+            self._audit("limit_hit", level=logging.WARNING, limit="broadcast", message_type=message_type)
             raise RateLimited("broadcast", limit.retry_after())
         frame = self._encoder.frame(message_type, new_message_id(), _payload(data), server_initiated=True)
         return await self._router.broadcast(frame, frozenset(exclude_apps or ()))

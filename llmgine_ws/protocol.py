@@ -14,11 +14,14 @@ import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import Annotated, Any, Literal, Union, cast
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, cast
 
 import msgspec
 
 from .errors import ErrorCode, ProtocolError
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 MAX_MESSAGE_ID_LENGTH = 128
 
@@ -304,19 +307,25 @@ def _path_details(error: str) -> dict[str, Any]:
 
 
 class FrameEncoder:
-    """Encodes outbound envelopes to text frames (one encoder per app)."""
+    """Encodes outbound envelopes to text frames (one encoder per app, counting them in its metrics)."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: Metrics | None = None) -> None:
         self._encoder = msgspec.json.Encoder()
+        self._metrics = metrics
 
     def frame(self, message_type: str, message_id: str, data: Any, *, server_initiated: bool = False) -> str:
         """Encode one message to the text of a WebSocket frame."""
         envelope = Outbound(type=message_type, message_id=message_id, data=data, server_initiated=server_initiated)
-        return self._encoder.encode(envelope).decode()
+        text = self._encoder.encode(envelope).decode()
+        if self._metrics is not None:
+            self._metrics.message_out(message_type)
+        return text
 
     def error(self, message_id: str | None, error: ProtocolError) -> str:
         """Encode an ``error`` envelope (a fresh message_id when the request's was unreadable)."""
         data = ErrorData(code=error.code, message=error.message, details=error.details)
+        if self._metrics is not None:
+            self._metrics.error(error.code)
         return self.frame("error", message_id or new_message_id(), data)
 
 

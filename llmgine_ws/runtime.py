@@ -7,6 +7,8 @@ module level, so two apps in one process share nothing.
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -18,7 +20,7 @@ from anyio.from_thread import BlockingPortal
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket
 
-from .audit import audit
+from .audit import AuditLog
 from .auth import (
     APIKeyAuthenticator,
     AuthenticationFailed,
@@ -37,6 +39,7 @@ from .extensions import Extensions
 from .handlers import core_handlers
 from .hub import Hub
 from .messaging import MessagingAPI
+from .metrics import Metrics, metrics_available
 from .protocol import ConnectedData, FrameEncoder, NotificationData, new_message_id
 from .routing import LocalRouter, Router
 from .security import (
@@ -62,11 +65,14 @@ class Runtime:
     def __init__(self, config: APIConfig, extensions: Extensions, authenticator: Authenticator | None = None) -> None:
         self.config = config
         self.extensions = extensions
+        self.metrics: Metrics | None = Metrics(self) if config.metrics and metrics_available() else None
+        """Prometheus metrics (None without the ``metrics`` extra, or with ``metrics=False``)."""
+        self.audit = AuditLog(self.metrics)
         self.authenticator = authenticator if authenticator is not None else authenticator_from_config(config)
         """Decides who may connect (None: anyone, as in the seed — a warning is logged at startup)."""
         self.connection_counter = ConnectionCounter(config.max_connections, config.max_connections_per_ip)
         self._trusted_proxies = parse_networks(config.trusted_proxies)
-        self.encoder = FrameEncoder()
+        self.encoder = FrameEncoder(self.metrics)
         self.hub = Hub()
         self.sessions = SessionStore(config.max_sessions)
         self.router: Router = LocalRouter(self.hub, self.sessions, max_pending_requests=config.max_pending_requests)
@@ -75,12 +81,16 @@ class Runtime:
             broadcast_limit=TokenBucket(config.broadcast_rate_limit, config.broadcast_burst)
             if config.broadcast_rate_limit > 0 else None,
             user_of=self._user_of,
+            audit=self.audit,
         )
         self.dispatcher = Dispatcher(self, [*core_handlers(), *extensions.handlers.values()])
         extensions._bind(self.messaging)
         self.started = False
         """True while the lifespan runs (background tasks up, not shutting down)."""
         self.shutting_down = False
+        self._shutdown: anyio.Event | None = None
+        self.stopping = anyio.Event()
+        """Set when shutdown begins: long-running handlers may watch it to wrap up early."""
         self._reaper_alive = False
         self._warned_no_lifespan = False
 
@@ -99,13 +109,13 @@ class Runtime:
             await _refuse(websocket, 503, "SHUTTING_DOWN", "the server is shutting down")
             return None
         if not origin_allowed(scope, self.config.allowed_origins):
-            audit("handshake_refused", level=logging.WARNING, reason="origin not allowed", origin=origin,
+            self.audit("handshake_refused", level=logging.WARNING, reason="origin not allowed", origin=origin,
                   client_ip=client_ip)
             await _refuse(websocket, 403, "FORBIDDEN", "origin not allowed")
             return None
         cap = self.connection_counter.refusal(client_ip)
         if cap is not None:
-            audit("limit_hit", level=logging.WARNING, limit="connections", reason=cap[1], client_ip=client_ip)
+            self.audit("limit_hit", level=logging.WARNING, limit="connections", reason=cap[1], client_ip=client_ip)
             await _refuse(websocket, cap[0], "CONNECTION_LIMIT", cap[1])
             return None
         self.connection_counter.add(client_ip)  # counted before any await: concurrent handshakes see it
@@ -131,6 +141,7 @@ class Runtime:
             send_grace=self.config.send_grace,
             principal=principal,
             client_ip=client_ip,
+            audit=self.audit,
         )
         if self.config.rate_limit > 0:
             connection.rate_limiter = RateLimiter(self.config.rate_limit, self.config.rate_burst,
@@ -160,10 +171,10 @@ class Runtime:
             logger.exception("the authenticator raised; refusing the handshake")
             reason = "authenticator error"
         if principal is None:
-            audit("auth", level=logging.WARNING, outcome="refused", reason=reason, carrier=handshake.carrier,
+            self.audit("auth", level=logging.WARNING, outcome="refused", reason=reason, carrier=handshake.carrier,
                   client_ip=client_ip, origin=origin)
             return False
-        audit("auth", outcome="accepted", user_id=principal.user_id, method=principal.method,
+        self.audit("auth", outcome="accepted", user_id=principal.user_id, method=principal.method,
               carrier=handshake.carrier, client_ip=client_ip, origin=origin)
         return principal
 
@@ -208,7 +219,7 @@ class Runtime:
         """Create a session owned by ``connection`` and run ``session_created`` callbacks."""
         limit = self.config.max_sessions_per_connection
         if len(connection.session_ids) >= limit:
-            audit("limit_hit", level=logging.WARNING, limit="sessions_per_connection", app_id=connection.app_id,
+            self.audit("limit_hit", level=logging.WARNING, limit="sessions_per_connection", app_id=connection.app_id,
                   user_id=connection.user_id)
             raise ProtocolError(ErrorCode.SESSION_LIMIT_REACHED, f"a connection may hold at most {limit} sessions",
                                 {"max_sessions_per_connection": limit})
@@ -257,6 +268,7 @@ class Runtime:
             portal = await tg.start(_serve_portal)
             self.messaging._bind_portal(portal)
             await tg.start(self._reap_forever)
+            await tg.start(self._shut_down_on_signal)
             if self.authenticator is None:
                 logger.warning("no authenticator configured: any client that can reach %s may connect (set "
                                "LLMGINE_API_KEYS, LLMGINE_API_TOKEN_SECRET or LLMGINE_API_JWT_KEY)",
@@ -271,17 +283,73 @@ class Runtime:
                 tg.cancel_scope.cancel()
 
     async def shutdown(self) -> None:
-        """Refuse new connections, fail pending requests, close every connection (1001), bounded."""
+        """Shut down in order, within a bounded time (idempotent; concurrent callers wait for the first).
+
+        1. Readiness turns 503 and new handshakes are refused; clients get a ``server_shutting_down``
+           notification, and new requests get ``SHUTTING_DOWN`` (answers to server requests and
+           ``cancel`` still go through).
+        2. Running handlers and engine commands get ``drain_timeout`` seconds to finish.
+        3. Pending server requests fail with ``ServerShuttingDown``; every connection is closed with
+           1001 after its queued frames; cleanup stops engines (each within ``engine_stop_timeout``).
+        4. Connections still open after ``shutdown_timeout`` are abandoned (logged).
+        """
+        if self._shutdown is not None:
+            await self._shutdown.wait()
+            return
+        self._shutdown = anyio.Event()
+        self.stopping.set()
         self.shutting_down = True
         self.started = False
+        drain = self.config.drain_timeout
+        logger.info("shutting down: draining %d connection(s) for up to %.1fs", len(self.hub), drain)
+        for connection in self.hub:
+            data = NotificationData(notification_type="server_shutting_down", message="the server is restarting",
+                                    additional_data={"drain_seconds": drain})
+            connection.send_nowait(self.encoder.frame("notification", new_message_id(), data, server_initiated=True))
+        with anyio.move_on_after(drain) as draining:
+            for connection in self.hub:
+                await connection.wait_idle()
+        if draining.cancelled_caught:
+            busy = sum(len(c.in_flight) for c in self.hub)
+            logger.warning("drain period over with %d request(s) still running; they are cancelled", busy)
         for connection in self.hub:
             connection.fail_pending(ServerShuttingDown)
             connection.close(WS_GOING_AWAY, "server shutting down", flush=True)
-        with anyio.move_on_after(self.config.shutdown_timeout) as scope:
+        with anyio.move_on_after(self.config.shutdown_timeout) as closing:
             await self.hub.wait_empty()
-        if scope.cancelled_caught:
-            logger.error("%d connection(s) still open after %.1fs of shutdown", len(self.hub),
+        if closing.cancelled_caught:
+            logger.error("%d connection(s) still open after %.1fs of shutdown; abandoned", len(self.hub),
                          self.config.shutdown_timeout)
+        self._shutdown.set()
+
+    async def _shut_down_on_signal(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                                   ) -> None:
+        """Run :meth:`shutdown` on SIGTERM/SIGINT *before* the server closes its sockets, then hand the
+        signal to whoever handled it before us (uvicorn: it then stops with nothing left to cut off).
+
+        uvicorn's own shutdown closes every WebSocket (1012) before the lifespan ends, which would
+        leave nothing to drain. A second signal during the drain goes straight to the previous handler.
+        """
+        signals = (signal.SIGTERM, signal.SIGINT)
+        if not self.config.handle_signals or threading.current_thread() is not threading.main_thread():
+            task_status.started()
+            return
+        previous = {signum: signal.getsignal(signum) for signum in signals}
+        try:
+            with anyio.open_signal_receiver(*signals) as received:
+                task_status.started()
+                signum = await received.__anext__()
+        finally:
+            for restored, handler in previous.items():  # the receiver leaves SIG_DFL behind on asyncio
+                signal.signal(restored, handler)
+        logger.info("received %s", signal.Signals(signum).name)
+        with anyio.CancelScope(shield=True):
+            await self.shutdown()
+        handler = previous[signum]
+        if callable(handler):
+            handler(signum, None)
+        else:
+            signal.raise_signal(signum)
 
     @property
     def background_tasks_alive(self) -> bool:
