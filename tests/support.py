@@ -52,6 +52,13 @@ def listening_socket() -> socket.socket:
     return sock
 
 
+def small_send_buffer_socket(size: int = 32 * 1024) -> socket.socket:
+    """A :func:`listening_socket` whose accepted connections get a small, fixed kernel send buffer."""
+    sock = listening_socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+    return sock
+
+
 @asynccontextmanager
 async def serve(
     app: Any, *, ws_path: str = "/api/ws", sock: socket.socket | None = None, **uvicorn_options: Any
@@ -95,3 +102,62 @@ async def wait_cleaned(connection: Any, timeout: float = 5.0) -> None:
     """Wait until the server has finished cleaning up after ``connection``."""
     with anyio.fail_after(timeout):
         await connection.closed.wait()
+
+
+class RawWebSocket:
+    """A bare-bones WebSocket client over one TCP stream, for tests that need to *stop reading*.
+
+    Our real client always reads; this one reads only when asked, so the server's outbound queue
+    for it fills up like a stalled browser tab's would (serve on :func:`small_send_buffer_socket` so
+    the kernel does not absorb megabytes first).
+    """
+
+    def __init__(self, stream: anyio.abc.SocketStream, ws: Any) -> None:
+        self.stream = stream
+        self.ws = ws
+
+    @classmethod
+    async def open(cls, port: int, path: str = "/api/ws") -> RawWebSocket:
+        from wsproto import ConnectionType, WSConnection
+        from wsproto.events import AcceptConnection, Request
+
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+        ws = WSConnection(ConnectionType.CLIENT)
+        await stream.send(ws.send(Request(host="127.0.0.1", target=path)))
+        with anyio.fail_after(10):
+            while True:
+                ws.receive_data(await stream.receive())
+                if any(isinstance(event, AcceptConnection) for event in ws.events()):
+                    return cls(stream, ws)
+
+    async def send_text(self, text: str) -> None:
+        from wsproto.events import Message as WSMessage
+        from wsproto.events import TextMessage
+
+        event: WSMessage[Any] = TextMessage(data=text)
+        await self.stream.send(self.ws.send(event))
+
+    async def read_until_closed(self, timeout: float = 10.0) -> tuple[list[str], int | None]:
+        """Read everything left (text messages) until the server's close frame or EOF."""
+        from wsproto.events import CloseConnection, TextMessage
+
+        texts: list[str] = []
+        partial: list[str] = []
+        with anyio.fail_after(timeout):
+            while True:
+                try:
+                    data = await self.stream.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                    return texts, None
+                self.ws.receive_data(data)
+                for event in self.ws.events():
+                    if isinstance(event, TextMessage):
+                        partial.append(event.data)
+                        if event.message_finished:
+                            texts.append("".join(partial))
+                            partial.clear()
+                    elif isinstance(event, CloseConnection):
+                        return texts, event.code
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
