@@ -7,6 +7,7 @@ from functools import partial
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute, WebSocketRoute
 
+from .backplane import Backplane
 from .config import APIConfig
 from .endpoint import MessageEndpoint
 from .extensions import Extensions
@@ -15,15 +16,20 @@ from .messaging import MessagingAPI
 from .runtime import Runtime, get_runtime
 
 
-def create_app(config: APIConfig | None = None, extensions: Extensions | None = None) -> Starlette:
+def create_app(
+    config: APIConfig | None = None, extensions: Extensions | None = None, *, backplane: Backplane | None = None
+) -> Starlette:
     """Build the ASGI app: the WebSocket endpoint, the HTTP endpoints, and your extra routes.
 
     ``config`` defaults to :meth:`APIConfig.from_env` (so a bad ``LLMGINE_API_*`` value fails here,
     at startup). The app's state lives on ``app.state.llmgine`` (a :class:`Runtime`); mount the app
     anywhere, but give its lifespan to the host app (``lifespan=app.router.lifespan_context``).
+
+    ``backplane`` connects the app to a cluster (overriding ``config.backplane``): e.g. a
+    :class:`~llmgine_ws.backplane.memory.MemoryBackplane` on a broker shared with other apps.
     """
     config = APIConfig.from_env() if config is None else config
-    runtime = Runtime(config, Extensions() if extensions is None else extensions)
+    runtime = Runtime(config, Extensions() if extensions is None else extensions, backplane)
     routes: list[BaseRoute] = [
         WebSocketRoute(config.ws_path, partial(MessageEndpoint, runtime=runtime)),
         *StatusRoutes(runtime).routes(),

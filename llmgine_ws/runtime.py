@@ -17,6 +17,8 @@ import anyio
 from anyio.from_thread import BlockingPortal
 from starlette.websockets import WebSocket
 
+from .backplane import Backplane
+from .backplane.cluster import build_router
 from .config import APIConfig
 from .connection import WS_GOING_AWAY, Connection
 from .dispatch import Dispatcher
@@ -26,7 +28,7 @@ from .handlers import core_handlers
 from .hub import Hub
 from .messaging import MessagingAPI
 from .protocol import ConnectedData, FrameEncoder, NotificationData, new_message_id
-from .routing import LocalRouter, Router
+from .routing import Router
 from .sessions import Session, SessionStore
 
 logger = logging.getLogger("llmgine_ws.runtime")
@@ -39,13 +41,13 @@ fail the handshake unless the server selects one of them."""
 class Runtime:
     """Everything one app owns. Reach it with ``app.state.llmgine`` (or :func:`get_runtime`)."""
 
-    def __init__(self, config: APIConfig, extensions: Extensions) -> None:
+    def __init__(self, config: APIConfig, extensions: Extensions, backplane: Backplane | None = None) -> None:
         self.config = config
         self.extensions = extensions
         self.encoder = FrameEncoder()
         self.hub = Hub()
         self.sessions = SessionStore(config.max_sessions)
-        self.router: Router = LocalRouter(self.hub, self.sessions, max_pending_requests=config.max_pending_requests)
+        self.router: Router = build_router(config, self.hub, self.sessions, backplane)
         self.messaging = MessagingAPI(self.router, self.encoder, default_timeout=config.server_request_timeout)
         self.dispatcher = Dispatcher(self, [*core_handlers(), *extensions.handlers.values()])
         extensions._bind(self.messaging)
@@ -160,6 +162,7 @@ class Runtime:
             portal = await tg.start(_serve_portal)
             self.messaging._bind_portal(portal)
             await tg.start(self._reap_forever)
+            await tg.start(self.router.run)
             self.started = True
             try:
                 yield
@@ -196,6 +199,7 @@ class Runtime:
             problems.append("not started (lifespan not running)")
         elif not self._reaper_alive:
             problems.append("session reaper is not running")
+        problems.extend(self.router.health_problems())
         return not problems, problems
 
     async def _reap_forever(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
