@@ -372,7 +372,9 @@ class ClusterRouter:
         self._echoed = False
         self._down_since = time.monotonic()
         self._running = False
+        self._was_up = False
         self._dropped_outgoing = 0
+        self._changed = anyio.Event()
         self._hub.listeners.append(self)
         self._sessions.listeners.append(self)
 
@@ -404,6 +406,21 @@ class ClusterRouter:
             return [f"{where}: connected, waiting for this node's hello to come back"]
         return []
 
+    def _bump(self) -> None:
+        """Wake whoever waits in :meth:`wait_for`: presence or connectivity changed."""
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> None:
+        """Wait until ``predicate()`` holds, re-checking after every presence or connectivity change.
+
+        E.g. ``await router.wait_for(lambda: router.is_app_connected(app_id), 5)``. Raises
+        ``TimeoutError`` after ``timeout`` seconds.
+        """
+        with anyio.fail_after(timeout):
+            while not predicate():
+                await self._changed.wait()
+
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -413,12 +430,12 @@ class ClusterRouter:
         its local connections meanwhile (not ready until connected).
         """
         subjects = [self._presence_subject, self._inbox(self._node_id)]
-        transport = anyio.CancelScope(shield=True)
+        transport, publisher = anyio.CancelScope(shield=True), anyio.CancelScope(shield=True)
         async with anyio.create_task_group() as tg:
             # The transport and its publisher are shielded from the lifespan's cancellation, so that
             # the presence changes of the shutdown and the goodbye still go out; they stop below.
             await tg.start(self._shielded, transport, self._run_backplane, subjects)
-            tg.start_soon(self._shielded, transport, self._publish_outgoing)
+            await tg.start(self._shielded, publisher, self._publish_outgoing)
             tg.start_soon(self._heartbeat)
             tg.start_soon(self._sweep)
             self._running = True
@@ -435,6 +452,7 @@ class ClusterRouter:
                             await self._leave()
                     finally:
                         transport.cancel()
+                        publisher.cancel()
                         tg.cancel_scope.cancel()
                         self._fail_waiters(lambda waiter: True, lambda app_id, message_id: ServerShuttingDown(
                             app_id, message_id))
@@ -470,9 +488,11 @@ class ClusterRouter:
             return
         self._up = up
         self._echoed = False
+        self._bump()
         if up:
-            if self._running:
-                logger.warning("cluster node %s: backplane %s connected", self._node_id, self.backplane.describe())
+            if self._was_up:
+                logger.warning("cluster node %s: backplane %s reconnected", self._node_id, self.backplane.describe())
+            self._was_up = True
             self._enqueue(self._presence_subject, Hello(node=self._node_id, name=self._node_name, seq=self._seq))
             self._enqueue(self._presence_subject, Heartbeat(node=self._node_id, name=self._node_name, seq=self._seq))
             return
@@ -605,8 +625,9 @@ class ClusterRouter:
             logger.error("cluster node %s: undecodable message on %s dropped: %s", self._node_id, subject, exc)
             return
         if message.node == self._node_id:
-            if isinstance(message, Hello):
+            if isinstance(message, Hello) and not self._echoed:
                 self._echoed = True
+                self._bump()
             return
         handler = self._handlers.get(type(message))
         if handler is not None:
@@ -621,6 +642,7 @@ class ClusterRouter:
         if node is None:
             node = self._nodes[node_id] = _RemoteNode(node_id, name)
             logger.info("cluster node %s: node %s (%s) joined", self._node_id, node_id, name)
+            self._bump()
         node.last_seen = time.monotonic()
         node.name = name or node.name
         return node
@@ -691,8 +713,9 @@ class ClusterRouter:
                 continue
             if delta.seq != node.seq + 1:
                 self._request_sync(node, force=True)
-                return
+                break
             self._apply_delta(node, delta)
+        self._bump()
 
     def _apply_delta(self, node: _RemoteNode, delta: Delta) -> None:
         node.seq = delta.seq
@@ -714,6 +737,7 @@ class ClusterRouter:
                 remote.sessions.discard(delta.session_id)
             if self._session_apps.get(delta.session_id) == delta.app_id:
                 del self._session_apps[delta.session_id]
+        self._bump()
 
     def _add_app(self, node: _RemoteNode, app: _RemoteApp) -> None:
         node.apps[app.app_id] = app
@@ -738,6 +762,7 @@ class ClusterRouter:
             return
         del self._nodes[node.node_id]
         self._forget_apps(node)
+        self._bump()
         self._fail_waiters(lambda waiter: waiter.node_id == node.node_id, AppDisconnected)
         for wait in self._acks.values():
             wait.forget(node.node_id)
