@@ -431,7 +431,7 @@ async def test_broker_outage_keeps_local_service_and_recovers(private_broker: Br
         assert (await http.get("/health/ready")).status_code == 200
 
         private_broker.outage()
-        await router_a.wait_for(lambda: not router_a.backplane.connected, 10)
+        await router_a.wait_for(lambda: not router_a.ready, 10)
         ready = await http.get("/health/ready")
         assert ready.status_code == 503
         assert any("backplane" in problem for problem in ready.json()["problems"])

@@ -393,14 +393,14 @@ class ClusterRouter:
     @property
     def ready(self) -> bool:
         """Connected to the backplane, and this node's own hello came back through it."""
-        return self._running and self._up and self._echoed
+        return self._running and self._up and self._echoed and self.backplane.connected
 
     def health_problems(self) -> list[str]:
         """See :meth:`~llmgine_ws.routing.Router.health_problems`."""
         where = f"{self.backplane.kind} backplane {self.backplane.describe()}"
         if not self._running:
             return [f"{where}: router not running"]
-        if not self._up:
+        if not self._up or not self.backplane.connected:
             return [f"{where}: disconnected for {time.monotonic() - self._down_since:.1f}s (reconnecting)"]
         if not self._echoed:
             return [f"{where}: connected, waiting for this node's hello to come back"]

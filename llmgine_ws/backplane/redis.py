@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import uuid
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -99,6 +100,8 @@ class RedisBackplane(Backplane):
     ) -> None:
         """See :meth:`Backplane.run`."""
         task_status.started()
+        # A publish-only node still holds a subscription, so that losing the broker is noticed.
+        subjects = list(subjects) or [f"_llmgine_ws.idle.{uuid.uuid4().hex}"]
         failures = 0
         while True:
             subscriber = self._client(socket_timeout=None)
