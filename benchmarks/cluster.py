@@ -267,10 +267,9 @@ def report(kind: str, rows: list[Row]) -> None:
           f"{'same/standalone':>15}")
     for row in rows:
         same, cross, alone = row.median("same"), row.median("cross"), row.median("standalone")
-        spread = f"{min(row.columns['cross']) / max(row.columns['same']):.2f}-" \
-                 f"{max(row.columns['cross']) / min(row.columns['same']):.2f}"
+        paired = [c / s for c, s in zip(row.columns["cross"], row.columns["same"], strict=True)]
         print(f"{row.name + ' (' + row.unit + ')':<34} {same:>12,.0f} {cross:>12,.0f} {cross / same:>7.2f}  "
-              f"{alone:>12,.0f} {same / alone:>15.2f}   (cross/same range {spread})")
+              f"{alone:>12,.0f} {same / alone:>15.2f}   (per-round cross/same {min(paired):.2f}-{max(paired):.2f})")
     print("same node = caller and clients on node A; cross-node = caller on B, clients on A (requests) / "
           "clients split over A and B (broadcast); standalone = one node without a backplane.")
 

@@ -89,6 +89,14 @@ class Backplane(abc.ABC):
     async def publish(self, subject: str, payload: bytes) -> None:
         """Send ``payload`` to every current subscriber of ``subject`` (at most once)."""
 
+    async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        """Publish several messages in order (a backplane may batch them into one round trip).
+
+        Raises like :meth:`publish` at the first failure (later messages are then not sent).
+        """
+        for subject, payload in messages:
+            await self.publish(subject, payload)
+
 
 def backplane_from_url(url: str) -> Backplane | None:
     """The backplane an ``LLMGINE_API_BACKPLANE`` value names; ``None`` for ``memory`` (no cluster).

@@ -65,6 +65,7 @@ from ..errors import (
     AppDisconnected,
     AppNotConnected,
     BackplaneUnavailable,
+    MessageTooLarge,
     MessagingError,
     PendingRequestLimit,
     ServerShuttingDown,
@@ -83,6 +84,7 @@ SWEEPS_PER_INTERVAL = 4
 SNAPSHOT_PART_APPS = 500
 OUTBOX_SIZE = 16384
 MAX_BUFFERED_DELTAS = 10000
+PUBLISH_BATCH = 256
 
 
 # ---------------------------------------------------------------------------------------- wire
@@ -175,6 +177,7 @@ class Reply(_Wire, tag="reply", frozen=True):
     data: dict[str, Any] | None = None
     error: str | None = None
     limit: int = 0
+    size: int = 0
 
 
 class Fanout(_Wire, tag="fanout", frozen=True):
@@ -361,6 +364,8 @@ class ClusterRouter:
         self._nodes: dict[str, _RemoteNode] = {}
         self._app_nodes: dict[str, _RemoteNode] = {}
         self._session_apps: dict[str, str] = {}
+        self._user_nodes: dict[str, dict[str, int]] = {}
+        """user_id → {node_id: apps of that user there}: ``send_to_user`` only asks those nodes."""
         self._waiters: dict[str, _Waiter] = {}
         self._acks: dict[str, _AckWait] = {}
         self._remote_pending: dict[str, tuple[Connection, _RemotePending]] = {}
@@ -528,16 +533,33 @@ class ClusterRouter:
                 done.set()
 
     async def _publish_outgoing(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Publish what was queued, in order, batching whatever piled up meanwhile."""
         task_status.started()
-        async for subject, payload, done in self._outbox_receive:
-            if done is not None:
+        async for item in self._outbox_receive:
+            batch = [item]
+            while len(batch) < PUBLISH_BATCH:
+                try:
+                    batch.append(self._outbox_receive.receive_nowait())
+                except anyio.WouldBlock:
+                    break
+            messages: list[tuple[str, bytes]] = []
+            for subject, payload, done in batch:
+                if done is None:
+                    messages.append((subject, payload))
+                    continue
+                await self._publish_batch(messages)  # a flush marker: everything before it goes first
+                messages = []
                 done.set()
-                continue
-            try:
-                await self.backplane.publish(subject, payload)
-            except MessagingError as exc:
-                log = logger.warning if self._up else logger.debug
-                log("cluster node %s: message to %s not published: %s", self._node_id, subject, exc)
+            await self._publish_batch(messages)
+
+    async def _publish_batch(self, messages: list[tuple[str, bytes]]) -> None:
+        if not messages:
+            return
+        try:
+            await self.backplane.publish_many(messages)
+        except MessagingError as exc:
+            log = logger.warning if self._up else logger.debug
+            log("cluster node %s: %d queued message(s) not published: %s", self._node_id, len(messages), exc)
 
     async def _publish(self, node_id: str, message: _Wire) -> None:
         await self.backplane.publish(self._inbox(node_id), self._encode(message))
@@ -546,7 +568,15 @@ class ClusterRouter:
         entry = self._remote_pending.get(pending.message_id)
         if entry is not None and entry[1] is pending:
             del self._remote_pending[pending.message_id]
-        self._enqueue(self._inbox(pending.origin), reply)
+        payload = self._encode(reply)
+        limit = self.backplane.max_payload
+        if len(payload) > limit:
+            logger.error("cluster node %s: the answer of %s to request %s is %d bytes, over the %s backplane's "
+                         "limit of %d; the waiter gets MessageTooLarge", self._node_id, pending.app_id,
+                         pending.message_id, len(payload), self.backplane.kind, limit)
+            payload = self._encode(Reply(node=self._node_id, message_id=pending.message_id, error="too_large",
+                                         limit=limit, size=len(payload)))
+        self._enqueue_raw(self._inbox(pending.origin), payload, None)
 
     # ------------------------------------------------------------------ background
 
@@ -744,9 +774,21 @@ class ClusterRouter:
         self._app_nodes[app.app_id] = node
         for session_id in app.sessions:
             self._session_apps[session_id] = app.app_id
+        if app.user_id is not None:
+            counts = self._user_nodes.setdefault(app.user_id, {})
+            counts[node.node_id] = counts.get(node.node_id, 0) + 1
 
     def _unindex(self, app: _RemoteApp) -> None:
-        self._app_nodes.pop(app.app_id, None)
+        node = self._app_nodes.pop(app.app_id, None)
+        if app.user_id is not None and node is not None:
+            counts = self._user_nodes.get(app.user_id, {})
+            left = counts.get(node.node_id, 0) - 1
+            if left > 0:
+                counts[node.node_id] = left
+            else:
+                counts.pop(node.node_id, None)
+                if not counts:
+                    self._user_nodes.pop(app.user_id, None)
         for session_id in app.sessions:
             if self._session_apps.get(session_id) == app.app_id:
                 del self._session_apps[session_id]
@@ -860,6 +902,8 @@ class ClusterRouter:
             waiter.pending.fail(AppNotConnected(app_id))
         elif message.error == "pending_limit":
             waiter.pending.fail(PendingRequestLimit(app_id, message.limit))
+        elif message.error == "too_large":
+            waiter.pending.fail(MessageTooLarge(message.size, message.limit, self.backplane.kind))
         else:
             waiter.pending.fail(AppDisconnected(app_id, message.message_id))
 
@@ -951,11 +995,27 @@ class ClusterRouter:
                     except MessagingError:
                         pass  # that node drops it at its deadline anyway
 
+    def _fanout_nodes(self, scope: str, target: str, exclude: Collection[str]) -> set[str]:
+        """The nodes a fan-out must ask: those that may have a recipient.
+
+        Presence tells which nodes have apps (and which users' apps); a node whose presence is not in
+        sync yet is always asked. Group membership is not in presence: every node is asked.
+        """
+        if scope == "group":
+            return set(self._nodes)
+        if scope == "user":
+            with_user = self._user_nodes.get(target, {})
+            return {node_id for node_id, node in self._nodes.items() if not node.synced or node_id in with_user}
+        return {
+            node_id for node_id, node in self._nodes.items()
+            if not node.synced or len(node.apps) > len(exclude) or any(app not in exclude for app in node.apps)
+        }
+
     async def _fanout(self, scope: str, target: str, frame: str, exclude: Collection[str], local: int) -> int:
         if not self._up:
             raise BackplaneUnavailable(f"the {self.backplane.kind} backplane is down: reached {local} app(s) on "
                                        f"this node only", reached_locally=local)
-        nodes = set(self._nodes)
+        nodes = self._fanout_nodes(scope, target, exclude)
         if not nodes:
             return local
         ack = uuid.uuid4().hex

@@ -173,5 +173,24 @@ class RedisBackplane(Backplane):
         except _CONNECTION_ERRORS as exc:
             raise BackplaneUnavailable(f"Redis publish failed: {exc!r}") from None
 
+    async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        """One pipelined round trip for the lot (in order, on one connection)."""
+        if len(messages) == 1:
+            await self.publish(*messages[0])
+            return
+        publisher = self._publisher
+        if publisher is None or not self._up:
+            raise BackplaneUnavailable(f"not connected to Redis at {self.describe()}")
+        for _, payload in messages:
+            if len(payload) > self._max_payload:
+                raise MessageTooLarge(len(payload), self._max_payload, self.kind)
+        try:
+            async with publisher.pipeline(transaction=False) as pipe:
+                for subject, payload in messages:
+                    pipe.publish(subject, payload)
+                await pipe.execute()
+        except _CONNECTION_ERRORS as exc:
+            raise BackplaneUnavailable(f"Redis publish failed: {exc!r}") from None
+
 
 __all__ = ["RedisBackplane"]
