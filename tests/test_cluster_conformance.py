@@ -269,27 +269,40 @@ async def test_remote_disconnect_fails_the_waiter_promptly(broker: BrokerHandle)
             await api_b.send_to_app_and_wait(client.app_id, data={"request_type": "never"}, timeout=5)
 
 
-async def test_remote_timeout_withdraws_the_request(broker: BrokerHandle) -> None:
+async def test_remote_timeout_and_cancel_withdraw_the_request(broker: BrokerHandle) -> None:
     async with cluster(broker, 2) as (a, b), connect(a.ws_url) as client:
-        cancelled = anyio.Event()
+        events: dict[str, anyio.Event] = {}
 
         @client.on_server_request("slow")
         async def slow(message: Message) -> dict[str, Any]:
+            events["entered"].set()
             try:
                 await anyio.sleep_forever()
             finally:
-                cancelled.set()
+                events["cancelled"].set()
             raise AssertionError
 
         await wait_visible(b, client.app_id)
-        with pytest.raises(TimeoutError):
-            await b.runtime.messaging.send_to_app_and_wait(client.app_id, data={"request_type": "slow"}, timeout=0.3)
-        notice = await client.receive(timeout=5)
-        assert (notice.type, notice.data["reason"]) == ("server_request_cancelled", "timeout")
-        with anyio.fail_after(5):
-            await cancelled.wait()
-        # The withdrawal travelled ahead of the notice through a's inbox: nothing is left pending there.
-        assert a.runtime.hub.pending_request_count() == 0
+        api_b = b.runtime.messaging
+        for reason in ("timeout", "cancelled"):
+            events.update(entered=anyio.Event(), cancelled=anyio.Event())
+            if reason == "timeout":
+                with pytest.raises(TimeoutError):
+                    await api_b.send_to_app_and_wait(client.app_id, data={"request_type": "slow"}, timeout=0.3)
+            else:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(lambda: api_b.send_to_app_and_wait(client.app_id, data={"request_type": "slow"},
+                                                                     timeout=30))
+                    with anyio.fail_after(5):
+                        await events["entered"].wait()
+                    assert a.runtime.hub.pending_request_count() == 1
+                    tg.cancel_scope.cancel()  # the caller gives up
+            notice = await client.receive(timeout=5)
+            assert (notice.type, notice.data["reason"]) == ("server_request_cancelled", reason)
+            with anyio.fail_after(5):
+                await events["cancelled"].wait()
+            # The withdrawal travelled ahead of the notice through a's inbox: nothing is left pending there.
+            assert a.runtime.hub.pending_request_count() == 0
 
 
 async def test_only_the_target_connection_can_answer(broker: BrokerHandle) -> None:

@@ -15,10 +15,11 @@ Subjects (``<cluster>`` is ``APIConfig.cluster_name``)::
 created/removed) and publishes each as a delta; every ``heartbeat_interval`` it publishes a
 heartbeat carrying the latest number. A node that sees a gap (a lost delta, a node it does not know,
 a node that restarted or reconnected) asks that node for a snapshot, sent to its inbox in parts.
-A node whose heartbeats stop is expired after ``1.5 × heartbeat_interval`` (checked four times an
-interval), so a node killed without warning disappears from presence within two intervals and
-requests to its apps fail with ``AppNotConnected`` instead of hanging; a node that shuts down
-cleanly says goodbye and disappears at once.
+A node that falls silent (no heartbeat, nor any other message) is expired after
+``1.5 × heartbeat_interval`` (checked four times an interval), so a node killed without warning
+disappears from presence within two intervals and requests to its apps fail with
+``AppNotConnected`` instead of hanging; a node that shuts down cleanly says goodbye and disappears
+at once. A node expired by mistake (say, a long stall) reappears with its next heartbeat.
 
 **Requests.** ``send_to_app_and_wait`` to an app on node T publishes a request to T's inbox. T
 registers the request in the target connection's ``pending`` table as a :class:`_RemotePending`, so
@@ -659,6 +660,9 @@ class ClusterRouter:
                 self._echoed = True
                 self._bump()
             return
+        node = self._nodes.get(message.node)
+        if node is not None:
+            node.last_seen = time.monotonic()  # any traffic is a sign of life, not only heartbeats
         handler = self._handlers.get(type(message))
         if handler is not None:
             try:
