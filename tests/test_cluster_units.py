@@ -20,7 +20,7 @@ from llmgine_ws.backplane import backplane_from_url, backplane_kind, redact
 from llmgine_ws.backplane.cluster import ClusterRouter, build_router
 from llmgine_ws.backplane.memory import MemoryBackplane, MemoryBroker
 from llmgine_ws.connection import Connection
-from llmgine_ws.errors import BackplaneUnavailable
+from llmgine_ws.errors import BackplaneUnavailable, MessageTooLarge
 from llmgine_ws.hub import Hub
 from llmgine_ws.routing import LocalRouter
 from llmgine_ws.sessions import SessionStore
@@ -189,3 +189,56 @@ def test_backplane_selection_and_config() -> None:
     hub, sessions = Hub(), SessionStore(1)
     assert isinstance(build_router(APIConfig(), hub, sessions), LocalRouter)
     assert isinstance(build_router(APIConfig(backplane="redis://127.0.0.1:1"), hub, sessions), ClusterRouter)
+
+
+async def test_starts_without_its_broker_serves_locally_and_joins_later() -> None:
+    broker = MemoryBroker()
+    broker.set_available(False)
+    a, b = Node(broker), Node(broker)
+    async with anyio.create_task_group() as tg:
+        await tg.start(a.router.run)  # returns at once: the broker is not needed to start
+        await tg.start(b.router.run)
+        conn = a.connect(tg, "a1")
+        assert not a.router.ready and "disconnected" in a.router.health_problems()[0]
+        await a.router.send_to_app("a1", "local still works")
+        assert await next_frame(conn) == "local still works"
+        with pytest.raises(BackplaneUnavailable):
+            await a.router.send_to_app("elsewhere", "x")
+        broker.set_available(True)
+        await b.router.wait_for(lambda: b.router.ready and b.router.is_app_connected("a1"), 5)
+        await b.router.send_to_app("a1", "from b")
+        assert await next_frame(conn) == "from b"
+        tg.cancel_scope.cancel()
+
+
+async def test_memory_transport_order_size_and_outage() -> None:
+    broker = MemoryBroker(max_payload=1024)
+    sender, receiver = MemoryBackplane(broker), MemoryBackplane(broker)
+    got: list[bytes] = []
+    states: list[bool] = []
+    arrived = anyio.Event()
+
+    def on_message(subject: str, payload: bytes) -> None:
+        got.append(payload)
+        if len(got) == 100:
+            arrived.set()
+
+    sender_up = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        await tg.start(receiver.run, ["s"], on_message, states.append)
+        await tg.start(sender.run, ["other"], lambda subject, payload: None, lambda up: up and sender_up.set())
+        with anyio.fail_after(5):
+            await sender_up.wait()  # run() returns before connecting (a broker may be down at start)
+        assert states == [True]
+        for index in range(100):
+            await sender.publish("s", str(index).encode())
+        with anyio.fail_after(5):
+            await arrived.wait()
+        assert got == [str(index).encode() for index in range(100)]
+        with pytest.raises(MessageTooLarge):
+            await sender.publish("s", b"x" * 1025)
+        broker.set_available(False)
+        with pytest.raises(BackplaneUnavailable):
+            await sender.publish("s", b"lost")
+        tg.cancel_scope.cancel()
+    assert states[:2] == [True, False]
