@@ -468,3 +468,25 @@ async def test_broker_outage_keeps_local_service_and_recovers(private_broker: Br
         await api_a.send_to_app(remote.app_id, "notification", {"back": True})
         assert (await remote.receive(timeout=5)).data == {"back": True}
 
+
+
+async def test_messages_over_the_backplane_limit_fail_loudly(broker: BrokerHandle) -> None:
+    async with cluster(broker, 2, max_message_size=16 * 1024 * 1024) as (a, b), \
+            connect(a.ws_url, max_message_size=32 * 1024 * 1024) as client:
+        limit = router_of(b).backplane.max_payload
+        assert 0 < limit < 16 * 1024 * 1024
+
+        @client.on_server_request("big")
+        async def big(message: Message) -> dict[str, Any]:
+            return {"blob": "x" * (limit + 1024)}
+
+        await wait_visible(b, client.app_id)
+        api_b = b.runtime.messaging
+        with pytest.raises(MessageTooLarge):  # the frame to send does not fit
+            await api_b.send_to_app(client.app_id, "notification", {"blob": "x" * (limit + 1024)})
+        with pytest.raises(MessageTooLarge):  # the answer to carry back does not fit
+            await api_b.send_to_app_and_wait(client.app_id, data={"request_type": "big"}, timeout=10)
+        assert a.runtime.hub.pending_request_count() == 0
+        # Below the limit all is well.
+        await api_b.send_to_app(client.app_id, "notification", {"blob": "y" * (limit // 2)})
+        assert len((await client.receive(timeout=10)).data["blob"]) == limit // 2

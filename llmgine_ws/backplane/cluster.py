@@ -571,7 +571,7 @@ class ClusterRouter:
             del self._remote_pending[pending.message_id]
         payload = self._encode(reply)
         limit = self.backplane.max_payload
-        if len(payload) > limit:
+        if limit and len(payload) > limit:  # (0 while disconnected: then the publish fails anyway)
             logger.error("cluster node %s: the answer of %s to request %s is %d bytes, over the %s backplane's "
                          "limit of %d; the waiter gets MessageTooLarge", self._node_id, pending.app_id,
                          pending.message_id, len(payload), self.backplane.kind, limit)
