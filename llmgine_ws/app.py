@@ -8,6 +8,7 @@ from starlette.applications import Starlette
 from starlette.routing import BaseRoute, WebSocketRoute
 
 from .auth import Authenticator
+from .backplane import Backplane
 from .config import APIConfig
 from .endpoint import MessageEndpoint
 from .extensions import Extensions
@@ -21,6 +22,7 @@ def create_app(
     extensions: Extensions | None = None,
     *,
     authenticator: Authenticator | None = None,
+    backplane: Backplane | None = None,
 ) -> Starlette:
     """Build the ASGI app: the WebSocket endpoint, the HTTP endpoints, and your extra routes.
 
@@ -30,9 +32,11 @@ def create_app(
 
     ``authenticator`` decides who may connect (see :mod:`llmgine_ws.auth`); by default it is built
     from the config's API keys / token secret / JWT key, and without any the server is open.
+    ``backplane`` connects the app to a cluster (overriding ``config.backplane``): e.g. a
+    :class:`~llmgine_ws.backplane.memory.MemoryBackplane` on a broker shared with other apps.
     """
     config = APIConfig.from_env() if config is None else config
-    runtime = Runtime(config, Extensions() if extensions is None else extensions, authenticator)
+    runtime = Runtime(config, Extensions() if extensions is None else extensions, authenticator, backplane)
     routes: list[BaseRoute] = [
         WebSocketRoute(config.ws_path, partial(MessageEndpoint, runtime=runtime)),
         *StatusRoutes(runtime).routes(),

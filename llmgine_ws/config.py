@@ -132,6 +132,17 @@ class APIConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields
     metrics: bool = True
     """Serve Prometheus metrics at ``/metrics`` (when the ``metrics`` extra is installed)."""
 
+    backplane: str = "memory"
+    """Where the nodes of a cluster meet: ``memory`` (one process, no cluster), ``nats://host:4222``
+    (or ``tls://``; needs the ``nats`` extra) or ``redis://host:6379/0`` (or ``rediss://``; needs the
+    ``redis`` extra). See ``docs/scaling.md``."""
+    cluster_name: str = "llmgine"
+    """Prefix of every backplane subject: deployments sharing one broker are separate clusters."""
+    heartbeat_interval: float = 2.0
+    """Seconds between a node's heartbeats; a silent node leaves presence within two intervals."""
+    node_name: str = ""
+    """How this node is labelled in presence output (default ``hostname:pid``)."""
+
     custom: dict[str, Any] = msgspec.field(default_factory=dict)
     """Free-form settings for your extensions (``LLMGINE_API_CUSTOM`` takes a JSON object)."""
 
@@ -159,6 +170,7 @@ class APIConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields
             raise ValueError("ping_interval must be >= 0 (0 disables server pings)")
         if not self.ws_path.startswith("/"):
             raise ValueError("ws_path must start with '/'")
+        _check_cluster_settings(self)
 
     @property
     def auth_configured(self) -> bool:
@@ -211,6 +223,19 @@ class APIConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields
             return msgspec.convert(raw, cls, strict=False)
         except msgspec.ValidationError as exc:
             raise ConfigError(_describe(str(exc), sources)) from None
+
+
+_BACKPLANE_SCHEMES = ("nats://", "tls://", "redis://", "rediss://")
+
+
+def _check_cluster_settings(config: APIConfig) -> None:
+    if config.backplane != "memory" and not config.backplane.startswith(_BACKPLANE_SCHEMES):
+        raise ValueError("backplane must be 'memory', 'nats://…', 'tls://…', 'redis://…' or 'rediss://…'")
+    if not (0 < len(config.cluster_name) <= 64
+            and all(ch.isascii() and (ch.isalnum() or ch in "_-") for ch in config.cluster_name)):
+        raise ValueError("cluster_name must be 1-64 characters of letters, digits, '_' and '-'")
+    if not config.heartbeat_interval > 0:
+        raise ValueError("heartbeat_interval must be > 0")
 
 
 def _describe(error: str, sources: dict[str, str]) -> str:

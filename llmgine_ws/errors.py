@@ -124,3 +124,27 @@ class RateLimited(MessagingError):
     def __init__(self, what: str, retry_after: float) -> None:
         super().__init__(f"{what} rate limit reached; retry after {retry_after:.3f}s")
         self.retry_after = retry_after
+
+
+class BackplaneUnavailable(MessagingError):
+    """The cluster backplane (message broker) cannot be reached, so the message could not be routed.
+
+    Raised instead of silently dropping a message bound for (or possibly bound for) another node.
+    ``reached_locally`` is the number of apps on *this* node that a fan-out (broadcast, user, group)
+    did reach before the remote part failed; ``None`` for a single-app operation.
+    """
+
+    def __init__(self, detail: str, reached_locally: int | None = None) -> None:
+        super().__init__(f"cluster backplane unavailable: {detail}")
+        self.detail = detail
+        self.reached_locally = reached_locally
+
+
+class MessageTooLarge(MessagingError):
+    """The message does not fit the backplane's largest message (``size`` > ``limit`` bytes)."""
+
+    def __init__(self, size: int, limit: int, backplane: str) -> None:
+        super().__init__(f"message of {size} bytes exceeds the {backplane} backplane's limit of {limit} bytes")
+        self.size = size
+        self.limit = limit
+        self.backplane = backplane

@@ -127,7 +127,8 @@ class StatusRoutes:
         })
 
     async def connections(self, request: Request) -> Response:
-        """Connected apps with their sessions and pending server requests.
+        """Connected apps: ``app_ids``/``total``/``cluster`` are cluster-wide (each app with its node);
+        ``connections`` details this node's own (sessions, pending server requests).
 
         It reveals app ids, so: with ``admin_token`` set it needs ``Authorization: Bearer <admin_token>``;
         without one it is open only while no authenticator is configured (development).
@@ -151,11 +152,17 @@ class StatusRoutes:
             }
             for c in runtime.hub
         ]
+        router = runtime.router
+        for connection in connections:
+            connection["node_id"] = router.node_id
+        presence = router.presence()
         return JSONResponse({
-            "total": len(connections),
-            "app_ids": [c["app_id"] for c in connections],
+            "total": len(presence),
+            "app_ids": [app.app_id for app in presence],
             "pending_server_requests": runtime.hub.pending_request_count(),
             "connections": connections,
+            "node_id": router.node_id,
+            "cluster": {"nodes": router.nodes(), "apps": presence},
         })
 
     async def metrics(self, request: Request) -> Response:

@@ -14,7 +14,7 @@ from anyio.from_thread import BlockingPortal
 from .audit import AuditLog
 from .errors import AppDisconnected, MessagingError, RateLimited, ServerRequestFailed, SessionNotFound
 from .protocol import FrameEncoder, new_message_id
-from .routing import Router
+from .routing import AppPresence, Router
 from .security import TokenBucket
 
 logger = logging.getLogger("llmgine_ws.messaging")
@@ -136,6 +136,8 @@ class MessagingAPI:
     async def broadcast(self, message_type: str, data: Any = None, exclude_apps: Collection[str] | None = None) -> int:
         """Send a message to every connected app except ``exclude_apps``; returns how many it reached.
 
+        With a backplane the count is cluster-wide (each node acknowledges what it delivered).
+
         Never waits on a slow client: one that cannot keep up is closed (1013) rather than allowed
         to hold the others up. Raises ``RateLimited`` past ``broadcast_rate_limit``.
         """
@@ -151,9 +153,34 @@ class MessagingAPI:
         frame = self._encoder.frame(message_type, new_message_id(), _payload(data), server_initiated=True)
         return await self._router.send_to_user(user_id, frame)
 
+    async def join_group(self, app_id: str, group: str) -> None:
+        """Add an app to ``group`` (e.g. every tab showing one document) until it leaves or disconnects.
+
+        Works for an app connected to any node of the cluster. Raises ``AppNotConnected``.
+        """
+        await self._router.join_group(app_id, group)
+
+    async def leave_group(self, app_id: str, group: str) -> bool:
+        """Remove an app from ``group``; returns False if it was not a member (or is not connected)."""
+        return await self._router.leave_group(app_id, group)
+
+    async def send_to_group(
+        self, group: str, message_type: str, data: Any = None, exclude_apps: Collection[str] | None = None
+    ) -> int:
+        """Send a message to every member of ``group`` except ``exclude_apps``; returns how many it reached.
+
+        Like :meth:`broadcast`, never waits on a slow client. An empty or unknown group reaches 0.
+        """
+        frame = self._encoder.frame(message_type, new_message_id(), _payload(data), server_initiated=True)
+        return await self._router.send_to_group(group, frame, frozenset(exclude_apps or ()))
+
     def get_connected_apps(self) -> list[str]:
-        """Every connected app_id."""
+        """Every connected app_id (cluster-wide when the app runs on a backplane)."""
         return self._router.connected_apps()
+
+    def get_presence(self) -> list[AppPresence]:
+        """Every connected app with the node serving it and its sessions (cluster-wide)."""
+        return self._router.presence()
 
     def is_app_connected(self, app_id: str) -> bool:
         """Whether ``app_id`` is connected."""
@@ -208,6 +235,19 @@ class BlockingMessagingAPI:
     def send_to_user(self, user_id: str, message_type: str, data: Any = None) -> int:
         """Blocking :meth:`MessagingAPI.send_to_user`."""
         return self._call(self._api.send_to_user, user_id, message_type, data)
+
+    def join_group(self, app_id: str, group: str) -> None:
+        """Blocking :meth:`MessagingAPI.join_group`."""
+        self._call(self._api.join_group, app_id, group)
+
+    def leave_group(self, app_id: str, group: str) -> bool:
+        """Blocking :meth:`MessagingAPI.leave_group`."""
+        return self._call(self._api.leave_group, app_id, group)
+
+    def send_to_group(self, group: str, message_type: str, data: Any = None,
+                      exclude_apps: Collection[str] | None = None) -> int:
+        """Blocking :meth:`MessagingAPI.send_to_group`."""
+        return self._call(self._api.send_to_group, group, message_type, data, exclude_apps)
 
     def get_connected_apps(self) -> list[str]:
         """Blocking :meth:`MessagingAPI.get_connected_apps` (run on the loop, so it sees a consistent view)."""

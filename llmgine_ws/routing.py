@@ -11,10 +11,15 @@ receive it and whichever process they are connected to.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import Collection
+from datetime import datetime
 from typing import Any, Protocol
 
 import anyio
+import anyio.abc
+import msgspec
 
 from .connection import Connection, PendingRequest
 from .errors import AppDisconnected, AppNotConnected, PendingRequestLimit
@@ -22,6 +27,34 @@ from .hub import Hub
 from .sessions import SessionStore
 
 logger = logging.getLogger("llmgine_ws.routing")
+
+
+class AppPresence(msgspec.Struct, frozen=True, kw_only=True):
+    """Where one connected app is, as this node sees it (``/api/connections``)."""
+
+    app_id: str
+    node_id: str
+    node_name: str
+    connected_at: datetime
+    sessions: list[str]
+    local: bool
+    """True when the app is connected to this node."""
+
+
+class NodePresence(msgspec.Struct, frozen=True, kw_only=True):
+    """One node of the cluster, as this node sees it."""
+
+    node_id: str
+    node_name: str
+    apps: int
+    local: bool
+    last_seen_seconds: float
+    """Seconds since its last heartbeat (0 for this node)."""
+
+
+def default_node_name() -> str:
+    """``hostname:pid``: how a node is labelled in presence output."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class Router(Protocol):
@@ -63,14 +96,64 @@ class Router(Protocol):
         """The app_id owning ``session_id``, or None."""
         ...
 
+    async def join_group(self, app_id: str, group: str) -> None:
+        """Add ``app_id`` to ``group`` (until it leaves or disconnects); raises ``AppNotConnected``."""
+        ...
+
+    async def leave_group(self, app_id: str, group: str) -> bool:
+        """Remove ``app_id`` from ``group``; False if it was not a member (or is gone)."""
+        ...
+
+    async def send_to_group(self, group: str, frame: str, exclude_apps: Collection[str]) -> int:
+        """Deliver a frame to every member of ``group`` but the excluded; returns how many it reached."""
+        ...
+
+    def presence(self) -> list[AppPresence]:
+        """Every connected app with its node."""
+        ...
+
+    def nodes(self) -> list[NodePresence]:
+        """Every node this node knows of (itself included)."""
+        ...
+
+    @property
+    def node_id(self) -> str:
+        """This node's id."""
+        ...
+
+    def health_problems(self) -> list[str]:
+        """Why routing is impaired right now (empty when healthy); makes ``/health/ready`` fail."""
+        ...
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run the router's background work in the app's lifespan (returns when there is none)."""
+        ...
+
 
 class LocalRouter:
     """Delivers to the connections of this process (the default: one process, zero setup)."""
 
-    def __init__(self, hub: Hub, sessions: SessionStore, *, max_pending_requests: int) -> None:
+    def __init__(self, hub: Hub, sessions: SessionStore, *, max_pending_requests: int,
+                 node_name: str | None = None) -> None:
         self._hub = hub
         self._sessions = sessions
         self._max_pending = max_pending_requests
+        self._node_name = node_name or default_node_name()
+
+    @property
+    def node_id(self) -> str:
+        """``local``: a router without a backplane is a cluster of one."""
+        return "local"
+
+    @property
+    def hub(self) -> Hub:
+        """The connections of this process."""
+        return self._hub
+
+    @property
+    def max_pending_requests(self) -> int:
+        """Server requests one app may have waiting for an answer."""
+        return self._max_pending
 
     def _connection(self, app_id: str) -> Connection:
         connection = self._hub.get(app_id)
@@ -90,8 +173,12 @@ class LocalRouter:
         A connection whose queue is full gets the frame from a task in its own task group, which
         either delivers it in order or closes that connection (1013) after the send grace.
         """
+        return self.deliver_many(self._hub, frame, exclude_apps)
+
+    def deliver_many(self, connections: Collection[Connection], frame: str, exclude_apps: Collection[str] = ()) -> int:
+        """Queue the frame on each connection (never waiting; see :meth:`broadcast`); returns the count."""
         reached = 0
-        for connection in self._hub:
+        for connection in connections:
             if connection.app_id in exclude_apps or connection.closing:
                 continue
             if connection.send_nowait(frame) or connection.spawn(self._send_late, connection, frame):
@@ -100,13 +187,20 @@ class LocalRouter:
 
     async def send_to_user(self, user_id: str, frame: str) -> int:
         """Queue the frame on every connection of ``user_id`` (like :meth:`broadcast`, never waiting)."""
-        reached = 0
-        for connection in self._hub.user_connections(user_id):
-            if connection.closing:
-                continue
-            if connection.send_nowait(frame) or connection.spawn(self._send_late, connection, frame):
-                reached += 1
-        return reached
+        return self.deliver_many(self._hub.user_connections(user_id), frame)
+
+    async def join_group(self, app_id: str, group: str) -> None:
+        """See :meth:`Router.join_group`."""
+        if not self._hub.join_group(app_id, group):
+            raise AppNotConnected(app_id)
+
+    async def leave_group(self, app_id: str, group: str) -> bool:
+        """See :meth:`Router.leave_group`."""
+        return self._hub.leave_group(app_id, group)
+
+    async def send_to_group(self, group: str, frame: str, exclude_apps: Collection[str]) -> int:
+        """Queue the frame on every member of ``group`` here (like :meth:`broadcast`, never waiting)."""
+        return self.deliver_many(self._hub.group_connections(group), frame, exclude_apps)
 
     @staticmethod
     async def _send_late(connection: Connection, frame: str) -> None:
@@ -148,3 +242,24 @@ class LocalRouter:
         """See :meth:`Router.session_owner`."""
         session = self._sessions.get(session_id)
         return session.app_id if session is not None else None
+
+    def presence(self) -> list[AppPresence]:
+        """See :meth:`Router.presence`."""
+        return [
+            AppPresence(app_id=c.app_id, node_id=self.node_id, node_name=self._node_name,
+                        connected_at=c.connected_at, sessions=sorted(c.session_ids), local=True)
+            for c in self._hub if not c.closing
+        ]
+
+    def nodes(self) -> list[NodePresence]:
+        """See :meth:`Router.nodes`."""
+        return [NodePresence(node_id=self.node_id, node_name=self._node_name, apps=len(self._hub), local=True,
+                             last_seen_seconds=0.0)]
+
+    def health_problems(self) -> list[str]:
+        """See :meth:`Router.health_problems` (a local router is always healthy)."""
+        return []
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Nothing runs in the background for a local router."""
+        task_status.started()

@@ -31,6 +31,8 @@ from .auth import (
     TokenAuthenticator,
     any_of,
 )
+from .backplane import Backplane
+from .backplane.cluster import build_router
 from .config import APIConfig
 from .connection import WS_GOING_AWAY, Connection
 from .dispatch import Dispatcher
@@ -41,7 +43,7 @@ from .hub import Hub
 from .messaging import MessagingAPI
 from .metrics import Metrics, metrics_available
 from .protocol import ConnectedData, FrameEncoder, NotificationData, new_message_id
-from .routing import LocalRouter, Router
+from .routing import Router
 from .security import (
     ConnectionCounter,
     RateLimiter,
@@ -62,7 +64,8 @@ fail the handshake unless the server selects one of them."""
 class Runtime:
     """Everything one app owns. Reach it with ``app.state.llmgine`` (or :func:`get_runtime`)."""
 
-    def __init__(self, config: APIConfig, extensions: Extensions, authenticator: Authenticator | None = None) -> None:
+    def __init__(self, config: APIConfig, extensions: Extensions, authenticator: Authenticator | None = None,
+                 backplane: Backplane | None = None) -> None:
         self.config = config
         self.extensions = extensions
         self.metrics: Metrics | None = Metrics(self) if config.metrics and metrics_available() else None
@@ -75,7 +78,7 @@ class Runtime:
         self.encoder = FrameEncoder(self.metrics)
         self.hub = Hub()
         self.sessions = SessionStore(config.max_sessions)
-        self.router: Router = LocalRouter(self.hub, self.sessions, max_pending_requests=config.max_pending_requests)
+        self.router: Router = build_router(config, self.hub, self.sessions, backplane)
         self.messaging = MessagingAPI(
             self.router, self.encoder, default_timeout=config.server_request_timeout,
             broadcast_limit=TokenBucket(config.broadcast_rate_limit, config.broadcast_burst)
@@ -268,6 +271,7 @@ class Runtime:
             portal = await tg.start(_serve_portal)
             self.messaging._bind_portal(portal)
             await tg.start(self._reap_forever)
+            await tg.start(self.router.run)
             await tg.start(self._shut_down_on_signal)
             if self.authenticator is None:
                 logger.warning("no authenticator configured: any client that can reach %s may connect (set "
@@ -365,6 +369,7 @@ class Runtime:
             problems.append("not started (lifespan not running)")
         elif not self._reaper_alive:
             problems.append("session reaper is not running")
+        problems.extend(self.router.health_problems())
         return not problems, problems
 
     async def _reap_forever(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:

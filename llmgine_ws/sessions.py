@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import ErrorCode, ProtocolError
 from .protocol import utcnow
@@ -47,6 +47,18 @@ class Session:
         return f"Session({self.session_id!r}, app_id={self.app_id!r})"
 
 
+class SessionListener(Protocol):
+    """Told when a session is created or removed (e.g. a cluster router publishing presence)."""
+
+    def session_added(self, session: Session) -> None:
+        """``session`` was created."""
+        ...
+
+    def session_removed(self, session: Session) -> None:
+        """``session`` was removed."""
+        ...
+
+
 class SessionStore:
     """All sessions of one app instance, with the global session limit.
 
@@ -57,6 +69,8 @@ class SessionStore:
     def __init__(self, max_sessions: int) -> None:
         self.max_sessions = max_sessions
         self._sessions: dict[str, Session] = {}
+        self.listeners: list[SessionListener] = []
+        """Told about every session created or removed."""
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -74,6 +88,8 @@ class SessionStore:
             )
         session = Session(str(uuid.uuid4()), app_id)
         self._sessions[session.session_id] = session
+        for listener in self.listeners:
+            listener.session_added(session)
         return session
 
     def get(self, session_id: str) -> Session | None:
@@ -89,7 +105,11 @@ class SessionStore:
 
     def remove(self, session_id: str) -> Session | None:
         """Forget a session; returns it, or None if it was already gone."""
-        return self._sessions.pop(session_id, None)
+        session = self._sessions.pop(session_id, None)
+        if session is not None:
+            for listener in self.listeners:
+                listener.session_removed(session)
+        return session
 
     def expired(self, timeout: float) -> list[Session]:
         """Sessions idle for longer than ``timeout`` seconds."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -10,6 +10,7 @@ from starlette.applications import Starlette
 
 from llmgine_ws import APIConfig, Extensions, create_app
 
+from .brokers import Broker
 from .support import LiveServer, serve
 
 
@@ -35,3 +36,21 @@ async def server(make_app: Callable[..., Starlette]) -> AsyncIterator[LiveServer
     """The default app, served."""
     async with serve(make_app()) as live:
         yield live
+
+
+@pytest.fixture(scope="session")
+def nats_broker() -> Iterator[Broker]:
+    """A nats-server of our own on a free port, shared by the tests that only need a broker."""
+    broker = Broker("nats")
+    broker.start()
+    yield broker
+    broker.kill()
+
+
+@pytest.fixture(scope="session")
+def redis_broker() -> Iterator[Broker]:
+    """A redis-server of our own on a free port, shared by the tests that only need a broker."""
+    broker = Broker("redis")
+    broker.start()
+    yield broker
+    broker.kill()

@@ -1,0 +1,83 @@
+"""The app the multi-process cluster tests run on every node (``--app tests.cluster_app:app``).
+
+The default llmgine_ws app (configured from ``LLMGINE_API_*``, so ``LLMGINE_API_BACKPLANE`` picks
+the backplane) plus two test-only routes:
+
+* ``POST /test/call`` runs one messaging API call *on this node* and answers
+  ``{"ok", "result" | "error", "message", "node"}``, so a test can make "the backend call on node B";
+* connections to ``...?user=NAME`` are authenticated as user NAME (to exercise ``send_to_user``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from llmgine_ws import Extensions, MessagingError, create_app, get_runtime
+
+from .cluster_support import user_from_query
+
+
+async def call(request: Request) -> Response:
+    """Run ``{"op": name, "args": {...}}`` against this node's messaging API."""
+    runtime = get_runtime(request.app)
+    api = runtime.messaging
+    body = msgspec.json.decode(await request.body())
+    op, args = body["op"], body.get("args", {})
+    node = runtime.router.node_id
+    if args.pop("require_other_than", None) == node:  # lets a test aim at another worker of one port
+        return Response(msgspec.json.encode({"ok": False, "error": "WrongNode", "node": node}),
+                        media_type="application/json")
+    result: Any
+    try:
+        if op == "send_to_app":
+            result = await api.send_to_app(args["app_id"], args.get("type", "notification"), args.get("data"))
+        elif op == "send_to_session":
+            result = await api.send_to_session(args["session_id"], args.get("type", "notification"), args.get("data"))
+        elif op == "send_to_user":
+            result = await api.send_to_user(args["user_id"], args.get("type", "notification"), args.get("data"))
+        elif op == "broadcast":
+            result = await api.broadcast(args.get("type", "notification"), args.get("data"), args.get("exclude"))
+        elif op == "send_to_app_and_wait":
+            response = await api.send_to_app_and_wait(args["app_id"], "server_request", args.get("data"),
+                                                      timeout=args.get("timeout", 10))
+            result = response.data
+        elif op == "join_group":
+            result = await api.join_group(args["app_id"], args["group"])
+        elif op == "leave_group":
+            result = await api.leave_group(args["app_id"], args["group"])
+        elif op == "send_to_group":
+            result = await api.send_to_group(args["group"], args.get("type", "notification"), args.get("data"),
+                                              args.get("exclude"))
+        elif op == "is_app_connected":
+            result = api.is_app_connected(args["app_id"])
+        elif op == "get_connected_apps":
+            result = api.get_connected_apps()
+        elif op == "get_app_sessions":
+            result = api.get_app_sessions(args["app_id"])
+        elif op == "node_of":
+            result = next((p.node_id for p in api.get_presence() if p.app_id == args["app_id"]), None)
+        elif op == "whoami":
+            result = runtime.router.node_id
+        else:
+            return Response(f"unknown op {op!r}", status_code=400)
+    except (MessagingError, TimeoutError) as exc:
+        payload = {"ok": False, "error": type(exc).__name__, "message": str(exc), "node": runtime.router.node_id}
+        return Response(msgspec.json.encode(payload), media_type="application/json")
+    payload = {"ok": True, "result": result, "node": runtime.router.node_id}
+    return Response(msgspec.json.encode(payload), media_type="application/json")
+
+
+def make_app() -> Any:
+    """The node's app (a factory too: ``--app tests.cluster_app:make_app --factory``)."""
+    extensions = Extensions()
+    extensions.add_route(Route("/test/call", call, methods=["POST"]))
+    app = create_app(extensions=extensions, authenticator=user_from_query)
+    return app
+
+
+app = make_app()
