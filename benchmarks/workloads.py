@@ -106,3 +106,70 @@ class PingWorkload(Workload):
             if window.measuring():
                 completed += 1
         return completed
+
+
+class Reply(msgspec.Struct):
+    """A client request with a free-form payload."""
+
+    type: str
+    message_id: str
+    data: dict[str, object]
+
+
+async def request(ws: ClientConnection, message_type: str, message_id: str, data: dict[str, object]) -> Incoming:
+    """Send one request and return its reply (skipping anything server-initiated)."""
+    await ws.send(_encode(Reply(message_type, message_id, data)), text=True)
+    while True:
+        msg = _decode(await ws.recv(decode=False))
+        if msg.type == "server_ping":
+            await answer_server_ping(ws, msg)
+        elif msg.message_id == message_id:
+            if msg.type == "error":
+                raise LoadError(f"{message_type} failed: {bytes(msg.data)[:200]!r}")
+            return msg
+
+
+class EngineStreamWorkload(Workload):
+    """An engine command streaming ``events`` events, back to back; one operation = one event received.
+
+    Each connection has a session with a ``stream`` engine; it sends ``engine_command`` with
+    ``{"n": events}``, reads the ``engine_event`` frames and the final ``engine_command_res``, repeats.
+    """
+
+    name = "engine-stream"
+    unit = "events/s"
+    path = "/api/ws"
+
+    def __init__(self, events: int = 100) -> None:
+        self.events = events
+        self._sessions: dict[int, str] = {}
+
+    async def on_connect(self, ws: ClientConnection, index: int) -> None:
+        await expect_connected(ws)
+        created = await request(ws, "create_session", f"s{index}", {})
+        session_id = msgspec.json.decode(bytes(created.data))["session_id"]
+        await request(ws, "create_engine", f"e{index}", {"session_id": session_id, "engine_type": "stream"})
+        self._sessions[index] = session_id
+
+    async def run(self, ws: ClientConnection, ctx: ConnContext) -> int:
+        window = ctx.window
+        session_id = self._sessions[ctx.index]
+        received = 0
+        command = 0
+        while not window.over():
+            command += 1
+            message_id = f"c{command}"
+            data: dict[str, object] = {"session_id": session_id, "command": {"n": self.events}}
+            await ws.send(_encode(Reply("engine_command", message_id, data)), text=True)
+            while True:
+                msg = _decode(await ws.recv(decode=False))
+                if msg.type == "engine_event":
+                    if window.measuring():
+                        received += 1
+                elif msg.type == "server_ping":
+                    await answer_server_ping(ws, msg)
+                elif msg.message_id == message_id:
+                    if msg.type != "engine_command_res":
+                        raise LoadError(f"unexpected reply to {message_id}: {bytes(msg.data)[:200]!r}")
+                    break
+        return received
