@@ -10,6 +10,7 @@ confirmation, notify.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -163,7 +164,7 @@ class QueuedCommand:
 class EngineHandle:
     """An engine attached to a session: its identity, status, and command queue."""
 
-    def __init__(self, engine: Engine, engine_type: str, session_id: str, queue_size: int) -> None:
+    def __init__(self, engine: Engine, engine_type: str, session_id: str) -> None:
         self.engine = engine
         self.engine_id = str(uuid.uuid4())
         self.engine_type = engine_type
@@ -179,7 +180,7 @@ class EngineHandle:
         """Set when the command worker has exited (or will never run)."""
         self._commands_in: MemoryObjectSendStream[QueuedCommand]
         self.commands: MemoryObjectReceiveStream[QueuedCommand]
-        self._commands_in, self.commands = anyio.create_memory_object_stream[QueuedCommand](queue_size)
+        self._commands_in, self.commands = anyio.create_memory_object_stream[QueuedCommand](math.inf)
 
     def info(self) -> EngineInfo:
         """The engine's part of ``status_res``."""
@@ -197,16 +198,14 @@ class EngineHandle:
             return 0.0
         return now - self._last_activity
 
-    def submit(self, queued: QueuedCommand) -> bool:
-        """Queue a command in arrival order; False if the engine is stopped or its queue is full."""
-        if self.stopped:
-            return False
-        try:
-            self._commands_in.send_nowait(queued)
-        except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
-            return False
+    def submit(self, queued: QueuedCommand) -> None:
+        """Queue a command in arrival order (the caller checked the engine is not stopped).
+
+        Unbounded here: every queued command counts against the connection's
+        ``max_inflight_requests``, which is what bounds the queue.
+        """
+        self._commands_in.send_nowait(queued)
         self.queued += 1
-        return True
 
     def close_queue(self) -> None:
         """Accept no more commands; the worker drains what is queued, answering each as cancelled."""
@@ -239,6 +238,6 @@ class EngineHandle:
 
 async def discard_engine(engine: Engine, engine_type: str, session_id: str, timeout: float) -> None:
     """Stop an engine that was started but never attached to a session."""
-    handle = EngineHandle(engine, engine_type, session_id, 1)
+    handle = EngineHandle(engine, engine_type, session_id)
     handle.worker_done.set()
     await handle.stop_engine(timeout)

@@ -197,7 +197,7 @@ async def create_engine(data: CreateEngineData, ctx: HandlerContext) -> CreateEn
         await discard_engine(engine, data.engine_type, session.session_id, runtime.config.engine_stop_timeout)
         raise ProtocolError(ErrorCode.ENGINE_EXISTS, "this session already has an engine; delete it first",
                             {"session_id": session.session_id, "engine_id": session.engine.engine_id})
-    handle = EngineHandle(engine, data.engine_type, session.session_id, runtime.config.max_inflight_requests)
+    handle = EngineHandle(engine, data.engine_type, session.session_id)
     session.engine = handle
     handle.status = "idle"
     if not ctx.connection.spawn(run_engine_commands, ctx.runtime, ctx.connection, handle):
@@ -228,10 +228,7 @@ def engine_command(data: EngineCommandData, ctx: HandlerContext) -> Any:
     handle = _live_engine(ctx, data.session_id)
     connection = ctx.connection
     scope = connection.begin_request(ctx.message_id, ctx.runtime.config.max_inflight_requests)
-    if not handle.submit(QueuedCommand(ctx.message_id, data.command, scope)):
-        connection.end_request(ctx.message_id, scope)
-        raise ProtocolError(ErrorCode.ENGINE_BUSY, "the engine cannot take more commands right now",
-                            {"session_id": data.session_id})
+    handle.submit(QueuedCommand(ctx.message_id, data.command, scope))
     return NO_REPLY
 
 
