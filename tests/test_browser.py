@@ -192,6 +192,22 @@ async def test_token_travels_as_a_subprotocol_and_is_never_echoed(page: Any, exa
     assert bad == "INVALID_TOKEN"
 
 
+async def test_token_authenticates_a_browser_against_a_secured_server(page: Any, example: ModuleType) -> None:
+    from llmgine_ws.auth import mint_token
+
+    secret = "browser-test-secret"
+    async with serve(client_app(example, token_secret=secret)) as server:
+        app_id = await open_client(page, server, {"token": mint_token(secret, "browser-user")})
+        assert server.runtime.hub.get(app_id).user_id == "browser-user"  # type: ignore[union-attr]
+        outcome = await page.evaluate("""async (token) => {
+            const intruder = new L.LlmgineClient('/api/ws', { token, autoConnect: false, reconnect: false });
+            try { await intruder.connect({ timeout: 5000 }); return 'connected'; }
+            catch (e) { return e.name; }
+        }""", mint_token("a-guessed-secret", "mallory"))
+        assert outcome != "connected"
+        assert len(server.runtime.hub) == 1  # the refused handshake left nothing behind
+
+
 async def test_server_request_answered_by_a_page_handler(page: Any, example: ModuleType) -> None:
     async with serve(client_app(example)) as server:
         app_id = await open_client(page, server)
