@@ -112,7 +112,13 @@ class MessageEndpoint(WebSocketEndpoint):
                 continue
             connection.rate_limit_noted = False
             text = message.get("text")
-            size = len(text) if text is not None else len(message.get("bytes") or b"")
+            if text is not None:
+                size = len(text)
+                # The limit is in bytes: a character takes up to 4 in UTF-8 (isascii() is O(1)).
+                if size * 4 > max_size and not text.isascii():
+                    size = len(text.encode())
+            else:
+                size = len(message.get("bytes") or b"")
             if size > max_size:
                 audit("forced_close", level=logging.WARNING, code=WS_MESSAGE_TOO_BIG, reason="message too big",
                       size=size, limit=max_size, app_id=connection.app_id, user_id=connection.user_id)
