@@ -15,7 +15,7 @@ import msgspec
 
 from .connection import Connection
 from .context import HandlerContext
-from .errors import AppDisconnected, ErrorCode, ProtocolError
+from .errors import AppDisconnected, ErrorCode, ProtocolError, cancelled_by_scope
 from .extensions import HandlerSpec
 from .handlers import NO_REPLY
 from .protocol import ClientMessage, MessageDecoder, envelope_for
@@ -80,8 +80,10 @@ class Dispatcher:
                 return
             frame = self._encoder.frame(spec.response_type, ctx.message_id, {} if result is None else result)
         except ProtocolError as exc:
-            frame = self._encoder.error(ctx.message_id, exc)
+            frame = self._protocol_error(spec, ctx, exc)
         except Exception:
+            frame = self._internal_error(spec, ctx)
+        except anyio.get_cancelled_exc_class():  # raised by the handler itself: nothing here awaits
             frame = self._internal_error(spec, ctx)
         ctx.connection.send_soon(frame)
 
@@ -97,11 +99,17 @@ class Dispatcher:
                 frame = self._encoder.error(ctx.message_id, ProtocolError(
                     ErrorCode.CANCELLED, "the request was cancelled", {"message_id": ctx.message_id}))
         except ProtocolError as exc:
-            frame = self._encoder.error(ctx.message_id, exc)
+            frame = self._protocol_error(spec, ctx, exc)
         except AppDisconnected:
-            return  # this very connection is going away: nobody to answer
+            if connection.closing:
+                return  # this very connection is going away: nobody to answer
+            frame = self._internal_error(spec, ctx)  # another app went away and the handler did not handle it
         except Exception:
             frame = self._internal_error(spec, ctx)
+        except anyio.get_cancelled_exc_class():
+            if cancelled_by_scope():
+                raise
+            frame = self._internal_error(spec, ctx)  # a stray cancellation from the handler's own code
         finally:
             if connection.in_flight.get(ctx.message_id) is scope:
                 del connection.in_flight[ctx.message_id]
@@ -109,6 +117,12 @@ class Dispatcher:
             await connection.send(frame)
         except AppDisconnected:
             pass
+
+    def _protocol_error(self, spec: HandlerSpec, ctx: HandlerContext, exc: ProtocolError) -> str:
+        try:
+            return self._encoder.error(ctx.message_id, exc)
+        except Exception:  # details that cannot be encoded: a bug in the handler
+            return self._internal_error(spec, ctx)
 
     def _internal_error(self, spec: HandlerSpec, ctx: HandlerContext) -> str:
         logger.exception("handler for %r raised", spec.message_type,

@@ -15,6 +15,8 @@ from __future__ import annotations
 import enum
 from typing import Any
 
+import anyio
+
 
 class ErrorCode(enum.StrEnum):
     """Codes carried in ``error`` envelopes (``data.code``)."""
@@ -124,3 +126,14 @@ class RateLimited(MessagingError):
     def __init__(self, what: str, retry_after: float) -> None:
         super().__init__(f"{what} rate limit reached; retry after {retry_after:.3f}s")
         self.retry_after = retry_after
+
+
+def cancelled_by_scope() -> bool:
+    """Whether the current task is being cancelled by one of its enclosing cancel scopes.
+
+    A cancellation exception caught while this is False was not meant for us: user code raised it
+    on its own (typically by awaiting a task or future that something else cancelled). The server
+    then treats it like any other exception from user code instead of letting it pass for the
+    cancellation of its own task (which would, e.g., tear a whole connection down).
+    """
+    return anyio.current_effective_deadline() <= anyio.current_time()
