@@ -15,7 +15,7 @@ import msgspec
 
 from .connection import Connection
 from .context import HandlerContext
-from .errors import AppDisconnected, ErrorCode, ProtocolError, cancelled_by_scope
+from .errors import AppDisconnected, ErrorCode, ProtocolError, being_cancelled
 from .extensions import HandlerSpec
 from .handlers import NO_REPLY
 from .protocol import ClientMessage, MessageDecoder, envelope_for
@@ -107,7 +107,7 @@ class Dispatcher:
         except Exception:
             frame = self._internal_error(spec, ctx)
         except anyio.get_cancelled_exc_class():
-            if cancelled_by_scope():
+            if being_cancelled():
                 raise
             frame = self._internal_error(spec, ctx)  # a stray cancellation from the handler's own code
         finally:

@@ -20,7 +20,7 @@ import anyio
 import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .errors import cancelled_by_scope
+from .errors import being_cancelled
 from .protocol import EngineInfo, new_message_id, utcnow
 
 if TYPE_CHECKING:
@@ -232,7 +232,7 @@ class EngineHandle:
                     logger.exception("engine %s (%s) failed to stop cleanly", self.engine_id, self.engine_type,
                                      extra={"session_id": self.session_id})
                 except anyio.get_cancelled_exc_class():
-                    if cancelled_by_scope():
+                    if being_cancelled():
                         raise
                     logger.exception("engine %s (%s) failed to stop cleanly", self.engine_id, self.engine_type,
                                      extra={"session_id": self.session_id})

@@ -17,7 +17,7 @@ import msgspec
 
 from .context import HandlerContext
 from .engines import Engine, EngineCommandResData, EngineContext, EngineHandle, QueuedCommand, discard_engine
-from .errors import AppDisconnected, ErrorCode, ProtocolError, cancelled_by_scope
+from .errors import AppDisconnected, ErrorCode, ProtocolError, being_cancelled
 from .extensions import HandlerSpec, make_spec
 from .protocol import (
     CloseSessionResData,
@@ -185,7 +185,7 @@ async def create_engine(data: CreateEngineData, ctx: HandlerContext) -> CreateEn
     except Exception as exc:
         failure = exc
     except anyio.get_cancelled_exc_class() as exc:
-        if cancelled_by_scope():
+        if being_cancelled():
             raise
         failure = exc  # a stray cancellation raised by the factory or start() itself
     if failure is not None or engine is None:
@@ -311,7 +311,7 @@ async def _run_command(
         _command_failed(handle, connection, queued)
         failure = f"{type(exc).__name__}: the engine failed on this command"
     except anyio.get_cancelled_exc_class() as exc:
-        if cancelled_by_scope():
+        if being_cancelled():
             raise
         _command_failed(handle, connection, queued)  # a stray cancellation raised by the engine itself
         failure = f"{type(exc).__name__}: the engine failed on this command"

@@ -32,7 +32,7 @@ from .auth import (
 from .config import APIConfig
 from .connection import WS_GOING_AWAY, Connection
 from .dispatch import Dispatcher
-from .errors import AppDisconnected, ErrorCode, ProtocolError, ServerShuttingDown, cancelled_by_scope
+from .errors import AppDisconnected, ErrorCode, ProtocolError, ServerShuttingDown, being_cancelled
 from .extensions import Extensions
 from .handlers import core_handlers
 from .hub import Hub
@@ -343,7 +343,7 @@ class Runtime:
                 except Exception:
                     logger.exception("callback %r failed; cleanup continues", callback)
                 except anyio.get_cancelled_exc_class():
-                    if cancelled_by_scope():
+                    if being_cancelled():
                         raise
                     logger.exception("callback %r failed; cleanup continues", callback)
             if scope.cancelled_caught:

@@ -654,3 +654,61 @@ async def test_messaging_to_a_connection_being_cleaned_up(make_app: Any) -> None
                 assert not messaging.is_app_connected(app_id)
                 release.set()
             await assert_clean(server, connection)
+
+
+@pytest.mark.parametrize("cause", ["too_big", "rate_limit", "shutdown"])
+async def test_a_policy_close_reaches_the_client_before_slow_cleanup(make_app: Any, cause: str) -> None:
+    """The server's close code (here 1009, 1008, 1001) is sent when the server decides to close, not
+    after the connection's cleanup (engine stops, callbacks) has run, which may take seconds: a
+    client must learn why it was closed even if it hangs up first."""
+    release = anyio.Event()
+    in_cleanup = anyio.Event()
+    extensions = Extensions()
+
+    async def slow_goodbye(app_id: str) -> None:
+        in_cleanup.set()
+        await release.wait()
+
+    extensions.register_connection_callback("disconnect", slow_goodbye)
+    app = make_app(extensions, max_message_size=1024, rate_limit=1, rate_burst=2, rate_limit_strikes=1)
+    expected = {"too_big": 1009, "rate_limit": 1008, "shutdown": 1001}[cause]
+    with error_trap():
+        async with serve(app) as server, connect(server.ws_url) as client:
+            connection = own_connection(server, client)
+            async with anyio.create_task_group() as tg:
+                if cause == "too_big":
+                    await client.send_raw('{"type": "ping", "message_id": "big", "data": {"timestamp": "%s"}}'
+                                          % ("x" * 2000))
+                elif cause == "rate_limit":
+                    for i in range(5):
+                        await client.send("ping", message_id=f"p{i}")
+                else:
+                    tg.start_soon(server.runtime.shutdown)
+                code = await client.wait_closed(timeout=5)
+                assert code == expected, (code, client.close_reason)
+                assert not connection.closed.is_set()  # cleanup is still running (stuck in the callback)
+                release.set()
+            await wait_cleaned(connection)
+
+
+async def test_a_native_task_cancel_is_real_even_inside_a_shield(make_app: Any) -> None:
+    """uvicorn cancels connection tasks with Task.cancel() when its graceful shutdown times out; that
+    must not be taken for a stray cancellation from a callback (and logged as its failure)."""
+    runtime = make_app().state.llmgine
+    entered = anyio.Event()
+
+    async def patient(arg: str) -> None:
+        entered.set()
+        await anyio.sleep_forever()
+
+    async def cleanup() -> None:
+        with anyio.CancelScope(shield=True):  # as close_connection runs
+            await runtime._run_callbacks([patient], "app")
+
+    with error_trap():
+        task = asyncio.get_running_loop().create_task(cleanup())
+        with anyio.fail_after(5):
+            await entered.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
