@@ -13,4 +13,8 @@ Modules:
 - ``workloads``  concrete workloads (``PingWorkload``).
 - ``bare_echo``  the baseline app: bare Starlette + msgspec ping echo.
 - ``roundtrip``  CLI: ping round trips per second, target vs baseline.
+- ``fanout``     CLI: broadcast fan-out time to 1,000/3,000 clients, with and without a stalled
+                 client, llmgine_ws (``fanout_app``) vs a bare loop over sockets (``bare_fanout``).
+- ``memory``     CLI: server RSS per idle connection (vs bare Starlette) and RSS across churn rounds.
+- ``_rawws``     a minimal asyncio-protocol WebSocket client, cheap enough for thousands per process.
 """

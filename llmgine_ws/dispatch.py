@@ -16,7 +16,7 @@ import msgspec
 
 from .connection import WS_POLICY_VIOLATION, Connection
 from .context import HandlerContext
-from .errors import AppDisconnected, ErrorCode, ProtocolError
+from .errors import AppDisconnected, ErrorCode, ProtocolError, being_cancelled
 from .extensions import HandlerSpec
 from .handlers import NO_REPLY
 from .protocol import ClientMessage, MessageDecoder, envelope_for
@@ -117,8 +117,10 @@ class Dispatcher:
                 return
             frame = self._encoder.frame(spec.response_type, ctx.message_id, {} if result is None else result)
         except ProtocolError as exc:
-            frame = self._encoder.error(ctx.message_id, exc)
+            frame = self._protocol_error(spec, ctx, exc)
         except Exception:
+            frame = self._internal_error(spec, ctx)
+        except anyio.get_cancelled_exc_class():  # raised by the handler itself: nothing here awaits
             frame = self._internal_error(spec, ctx)
         ctx.connection.send_soon(frame)
 
@@ -135,11 +137,17 @@ class Dispatcher:
                 frame = self._encoder.error(ctx.message_id, ProtocolError(
                     ErrorCode.CANCELLED, "the request was cancelled", {"message_id": ctx.message_id}))
         except ProtocolError as exc:
-            frame = self._encoder.error(ctx.message_id, exc)
+            frame = self._protocol_error(spec, ctx, exc)
         except AppDisconnected:
-            return  # this very connection is going away: nobody to answer
+            if connection.closing:
+                return  # this very connection is going away: nobody to answer
+            frame = self._internal_error(spec, ctx)  # another app went away and the handler did not handle it
         except Exception:
             frame = self._internal_error(spec, ctx)
+        except anyio.get_cancelled_exc_class():
+            if being_cancelled():
+                raise
+            frame = self._internal_error(spec, ctx)  # a stray cancellation from the handler's own code
         finally:
             connection.end_request(ctx.message_id, scope)
         try:
@@ -148,6 +156,12 @@ class Dispatcher:
             pass
         if self._metrics is not None:
             self._metrics.request_done(spec.message_type, time.monotonic() - arrived)
+
+    def _protocol_error(self, spec: HandlerSpec, ctx: HandlerContext, exc: ProtocolError) -> str:
+        try:
+            return self._encoder.error(ctx.message_id, exc)
+        except Exception:  # details that cannot be encoded: a bug in the handler
+            return self._internal_error(spec, ctx)
 
     def _internal_error(self, spec: HandlerSpec, ctx: HandlerContext) -> str:
         logger.exception("handler for %r raised", spec.message_type,

@@ -77,17 +77,22 @@ class MessageEndpoint(WebSocketEndpoint):
             self.connection.send_soon(self.runtime.encoder.error(None, BINARY_FRAME_ERROR))
 
     async def on_disconnect(self, websocket: WebSocket, close_code: int) -> None:
-        """Clean up everything the connection owned, then finish the closing handshake."""
+        """Finish the closing handshake, then clean up everything the connection owned.
+
+        The close frame goes first: cleanup (engine stops, callbacks) may take seconds, and a client
+        must learn the server's close code (1008, 1009, 1013, 1001...) without waiting for it.
+        """
         connection = self.connection
         assert connection is not None
-        await self.runtime.close_connection(connection)
+        self.runtime.connection_lost(connection)  # waiters fail now, not after the close frame
         connected = WebSocketState.CONNECTED
         if websocket.client_state == connected and websocket.application_state == connected:
             with anyio.move_on_after(1.0):
                 try:
                     await websocket.close(code=close_code, reason=connection.close_reason)
-                except Exception:  # the peer may vanish mid-close; nothing is left to clean up
+                except Exception:  # the peer may vanish mid-close; cleanup goes on regardless
                     logger.debug("close frame to %s not delivered", connection.app_id, exc_info=True)
+        await self.runtime.close_connection(connection)
 
     async def _read(self, websocket: WebSocket, connection: Connection) -> None:
         max_size = self.runtime.config.max_message_size
@@ -104,7 +109,13 @@ class MessageEndpoint(WebSocketEndpoint):
                 continue
             connection.last_activity = time.monotonic()
             text = message.get("text")
-            size = len(text) if text is not None else len(message.get("bytes") or b"")
+            if text is not None:
+                size = len(text)
+                # The limit is in bytes: a character takes up to 4 in UTF-8 (isascii() is O(1)).
+                if size * 4 > max_size and not text.isascii():
+                    size = len(text.encode())
+            else:
+                size = len(message.get("bytes") or b"")
             if size > max_size:
                 connection.force_close(WS_MESSAGE_TOO_BIG, "message too big", size=size, limit=max_size)
                 return

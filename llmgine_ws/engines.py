@@ -21,6 +21,7 @@ import anyio
 import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from .errors import being_cancelled
 from .protocol import EngineInfo, new_message_id, utcnow
 
 if TYPE_CHECKING:
@@ -228,6 +229,11 @@ class EngineHandle:
                 try:
                     await self.engine.stop()
                 except Exception:
+                    logger.exception("engine %s (%s) failed to stop cleanly", self.engine_id, self.engine_type,
+                                     extra={"session_id": self.session_id})
+                except anyio.get_cancelled_exc_class():
+                    if being_cancelled():
+                        raise
                     logger.exception("engine %s (%s) failed to stop cleanly", self.engine_id, self.engine_type,
                                      extra={"session_id": self.session_id})
             if scope.cancelled_caught:

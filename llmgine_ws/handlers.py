@@ -17,8 +17,8 @@ import anyio.lowlevel
 import msgspec
 
 from .context import HandlerContext
-from .engines import EngineCommandResData, EngineContext, EngineHandle, QueuedCommand, discard_engine
-from .errors import AppDisconnected, ErrorCode, ProtocolError
+from .engines import Engine, EngineCommandResData, EngineContext, EngineHandle, QueuedCommand, discard_engine
+from .errors import AppDisconnected, ErrorCode, ProtocolError, being_cancelled
 from .extensions import HandlerSpec, make_spec
 from .protocol import (
     CloseSessionResData,
@@ -176,16 +176,23 @@ async def create_engine(data: CreateEngineData, ctx: HandlerContext) -> CreateEn
         raise ProtocolError(ErrorCode.INVALID_ENGINE_TYPE, f"unknown engine type {data.engine_type!r}",
                             {"engine_type": data.engine_type,
                              "registered_types": sorted(runtime.extensions.engine_factories)})
+    failure: BaseException | None = None
+    engine: Engine | None = None
     try:
         with anyio.fail_after(runtime.config.engine_start_timeout):
-            engine = factory(session, dict(data.config))
-            if inspect.isawaitable(engine):
-                engine = await engine
+            made = factory(session, dict(data.config))
+            engine = await made if inspect.isawaitable(made) else made
             await engine.start()
     except Exception as exc:
-        logger.exception("engine %r failed to start for session %s", data.engine_type, session.session_id,
-                         extra={"app_id": ctx.app_id, "message_id": ctx.message_id})
-        reason = "timed out while starting" if isinstance(exc, TimeoutError) else "failed to start"
+        failure = exc
+    except anyio.get_cancelled_exc_class() as exc:
+        if being_cancelled():
+            raise
+        failure = exc  # a stray cancellation raised by the factory or start() itself
+    if failure is not None or engine is None:
+        logger.error("engine %r failed to start for session %s", data.engine_type, session.session_id,
+                     exc_info=failure, extra={"app_id": ctx.app_id, "message_id": ctx.message_id})
+        reason = "timed out while starting" if isinstance(failure, TimeoutError) else "failed to start"
         raise ProtocolError(ErrorCode.ENGINE_CREATION_FAILED, f"engine {data.engine_type!r} {reason}",
                             {"engine_type": data.engine_type}) from None
     if ctx.connection.closing or runtime.sessions.get(session.session_id) is not session:
@@ -258,7 +265,7 @@ async def _serve_commands(runtime: Runtime, connection: Connection, handle: Engi
             reply = await _run_command(runtime, connection, handle, queued)
             try:
                 frame = runtime.encoder.frame("engine_command_res", queued.message_id, reply)
-            except (TypeError, msgspec.EncodeError) as exc:
+            except Exception as exc:  # TypeError, msgspec.EncodeError, RecursionError (too deep)...
                 logger.error("engine %s returned a result that is not JSON-serialisable: %s", handle.engine_id, exc,
                              extra={"app_id": connection.app_id, "message_id": queued.message_id})
                 frame = runtime.encoder.frame("engine_command_res", queued.message_id, EngineCommandResData(
@@ -290,9 +297,17 @@ async def _run_command(
         return EngineCommandResData(session_id=handle.session_id, status="cancelled", result=None)
     except ProtocolError as exc:
         failure = exc.message
+    except AppDisconnected as exc:
+        if not connection.closing:
+            _command_failed(handle, connection, queued)
+        failure = f"{type(exc).__name__}: the engine failed on this command"  # (undeliverable when closing)
     except Exception as exc:
-        logger.exception("engine %s (%s) failed on command %s", handle.engine_id, handle.engine_type,
-                         queued.message_id, extra={"app_id": connection.app_id, "message_id": queued.message_id})
+        _command_failed(handle, connection, queued)
+        failure = f"{type(exc).__name__}: the engine failed on this command"
+    except anyio.get_cancelled_exc_class() as exc:
+        if being_cancelled():
+            raise
+        _command_failed(handle, connection, queued)  # a stray cancellation raised by the engine itself
         failure = f"{type(exc).__name__}: the engine failed on this command"
     finally:
         handle.current = None
@@ -303,6 +318,11 @@ async def _run_command(
     if not handle.stopped:
         handle.status = "failed"
     return EngineCommandResData(session_id=handle.session_id, status="failed", result=None, error=failure)
+
+
+def _command_failed(handle: EngineHandle, connection: Connection, queued: QueuedCommand) -> None:
+    logger.exception("engine %s (%s) failed on command %s", handle.engine_id, handle.engine_type,
+                     queued.message_id, extra={"app_id": connection.app_id, "message_id": queued.message_id})
 
 
 def core_handlers() -> list[HandlerSpec]:

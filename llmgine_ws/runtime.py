@@ -36,7 +36,7 @@ from .backplane.cluster import build_router
 from .config import APIConfig
 from .connection import WS_GOING_AWAY, Connection
 from .dispatch import Dispatcher
-from .errors import AppDisconnected, ErrorCode, ProtocolError, ServerShuttingDown
+from .errors import AppDisconnected, ErrorCode, ProtocolError, ServerShuttingDown, being_cancelled
 from .extensions import Extensions
 from .handlers import core_handlers
 from .hub import Hub
@@ -241,9 +241,12 @@ class Runtime:
         connection = self.hub.get(session.app_id)
         if connection is not None:
             connection.session_ids.discard(session.session_id)
-        if session.engine is not None:
-            await self.stop_engine(session, reason)
-        await self._run_callbacks(self.extensions.session_callbacks["session_destroyed"], session)
+        # Gone from the store, the session is destroyed all the way even if the caller is cancelled
+        # (e.g. a close_session whose client disconnects): each step below has its own deadline.
+        with anyio.CancelScope(shield=True):
+            if session.engine is not None:
+                await self.stop_engine(session, reason)
+            await self._run_callbacks(self.extensions.session_callbacks["session_destroyed"], session)
         logger.info("session %s destroyed (%s)", session.session_id, reason,
                     extra={"app_id": session.app_id, "session_id": session.session_id})
 
@@ -411,6 +414,10 @@ class Runtime:
                 try:
                     await callback(*args)
                 except Exception:
+                    logger.exception("callback %r failed; cleanup continues", callback)
+                except anyio.get_cancelled_exc_class():
+                    if being_cancelled():
+                        raise
                     logger.exception("callback %r failed; cleanup continues", callback)
             if scope.cancelled_caught:
                 logger.error("callback %r did not finish within %.1fs; abandoned", callback,
