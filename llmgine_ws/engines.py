@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import anyio
+import anyio.lowlevel
 import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
@@ -104,6 +105,8 @@ class EngineContext:
         Waits when the client is slow to read; a client too slow for the send grace is disconnected
         (rather than shown a gap in the stream).
         """
+        # An engine that only ever emits would otherwise never see a cancel (sending rarely has to wait).
+        await anyio.lowlevel.checkpoint_if_cancelled()
         data = EngineEventData(session_id=self.session_id, command_id=self.command_id, seq=self._seq,
                                event_type=event_type, payload=payload)
         self._seq += 1

@@ -187,9 +187,13 @@ async def create_engine(data: CreateEngineData, ctx: HandlerContext) -> CreateEn
         failure = exc
     except anyio.get_cancelled_exc_class() as exc:
         if being_cancelled():
+            if engine is not None:  # made, but its start() was cut short: it still gets its stop()
+                await discard_engine(engine, data.engine_type, session.session_id, runtime.config.engine_stop_timeout)
             raise
         failure = exc  # a stray cancellation raised by the factory or start() itself
     if failure is not None or engine is None:
+        if engine is not None:  # start() failed or timed out: stop() releases what it had opened
+            await discard_engine(engine, data.engine_type, session.session_id, runtime.config.engine_stop_timeout)
         logger.error("engine %r failed to start for session %s", data.engine_type, session.session_id,
                      exc_info=failure, extra={"app_id": ctx.app_id, "message_id": ctx.message_id})
         reason = "timed out while starting" if isinstance(failure, TimeoutError) else "failed to start"

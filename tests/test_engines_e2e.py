@@ -459,3 +459,14 @@ async def test_a_client_cannot_touch_another_apps_engine(engine_server: LiveServ
             with pytest.raises(RequestError) as error:
                 await other.request(message_type, data)
             assert error.value.code == "SESSION_NOT_FOUND"
+
+
+async def test_an_engine_whose_start_fails_still_gets_its_stop(engine_server: LiveServer, probe: Probe) -> None:
+    async with connect(engine_server.ws_url) as client:
+        session_id = await client.create_session()
+        with pytest.raises(RequestError) as error:
+            await client.request("create_engine", {"session_id": session_id, "engine_type": "scripted",
+                                                   "config": {"fail_start": True}})
+        assert error.value.code == "ENGINE_CREATION_FAILED"
+        assert probe.stopped == [session_id]  # what start() had opened is released
+        assert engine_server.runtime.sessions.engine_count() == 0
