@@ -41,7 +41,6 @@ class Engine(Protocol):
 
     async def start(self) -> None:
         """Prepare the engine (open clients, load prompts). Raising fails ``create_engine``."""
-        ...
 
     async def handle_command(self, command: Any, ctx: EngineContext) -> Any:
         """Run one command; the return value (JSON-serialisable) is the command's ``result``.
@@ -49,11 +48,9 @@ class Engine(Protocol):
         Runs inside a cancel scope: a client ``cancel`` (or the session closing) cancels it at its
         next ``await``.
         """
-        ...
 
     async def stop(self) -> None:
         """Release everything; called once, with a deadline, on every path that ends the engine."""
-        ...
 
 
 EngineFactory = Callable[["Session", dict[str, Any]], "Engine | Awaitable[Engine]"]

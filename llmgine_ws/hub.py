@@ -15,11 +15,9 @@ class HubListener(Protocol):
 
     def app_added(self, connection: Connection) -> None:
         """``connection`` was registered."""
-        ...
 
     def app_removed(self, connection: Connection) -> None:
         """``connection`` was forgotten (its cleanup is done)."""
-        ...
 
 
 class Hub:

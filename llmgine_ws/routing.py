@@ -62,15 +62,12 @@ class Router(Protocol):
 
     async def send_to_app(self, app_id: str, frame: str) -> None:
         """Deliver a frame to one app; raises ``AppNotConnected`` / ``AppDisconnected``."""
-        ...
 
     async def broadcast(self, frame: str, exclude_apps: Collection[str]) -> int:
         """Deliver a frame to every connected app but the excluded; returns how many it reached."""
-        ...
 
     async def send_to_user(self, user_id: str, frame: str) -> int:
         """Deliver a frame to every connection of an authenticated user; returns how many it reached."""
-        ...
 
     async def request(self, app_id: str, message_id: str, frame: str, timeout: float) -> dict[str, Any]:
         """Send a server request and wait for the app's ``server_response`` data.
@@ -78,56 +75,43 @@ class Router(Protocol):
         Raises ``TimeoutError``, ``AppNotConnected``, or ``AppDisconnected`` as soon as the app
         disconnects while the request is pending.
         """
-        ...
 
     def connected_apps(self) -> list[str]:
         """Every connected app_id."""
-        ...
 
     def is_app_connected(self, app_id: str) -> bool:
         """Whether ``app_id`` is connected."""
-        ...
 
     def app_sessions(self, app_id: str) -> list[str]:
         """Session ids owned by ``app_id`` (empty when unknown)."""
-        ...
 
     def session_owner(self, session_id: str) -> str | None:
         """The app_id owning ``session_id``, or None."""
-        ...
 
     async def join_group(self, app_id: str, group: str) -> None:
         """Add ``app_id`` to ``group`` (until it leaves or disconnects); raises ``AppNotConnected``."""
-        ...
 
     async def leave_group(self, app_id: str, group: str) -> bool:
         """Remove ``app_id`` from ``group``; False if it was not a member (or is gone)."""
-        ...
 
     async def send_to_group(self, group: str, frame: str, exclude_apps: Collection[str]) -> int:
         """Deliver a frame to every member of ``group`` but the excluded; returns how many it reached."""
-        ...
 
     def presence(self) -> list[AppPresence]:
         """Every connected app with its node."""
-        ...
 
     def nodes(self) -> list[NodePresence]:
         """Every node this node knows of (itself included)."""
-        ...
 
     @property
     def node_id(self) -> str:
         """This node's id."""
-        ...
 
     def health_problems(self) -> list[str]:
         """Why routing is impaired right now (empty when healthy); makes ``/health/ready`` fail."""
-        ...
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run the router's background work in the app's lifespan (returns when there is none)."""
-        ...
 
 
 class LocalRouter:

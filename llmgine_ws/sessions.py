@@ -52,11 +52,9 @@ class SessionListener(Protocol):
 
     def session_added(self, session: Session) -> None:
         """``session`` was created."""
-        ...
 
     def session_removed(self, session: Session) -> None:
         """``session`` was removed."""
-        ...
 
 
 class SessionStore:
