@@ -264,6 +264,9 @@ async def test_handler_exception_is_internal_error_without_traceback(
         assert (await client.request("ping")).type == "ping_res"
     logged = [r for r in caplog.records if r.name == "llmgine_ws.dispatch" and r.exc_info]
     assert {type(r.exc_info[1]) for r in logged if r.exc_info} == {RuntimeError, KeyError}
+    # The log records carry the context (the JSON log format writes these attributes out).
+    assert {(r.app_id, r.message_id) for r in logged} == {  # type: ignore[attr-defined]
+        (client.app_id, "boom-explode"), (client.app_id, "boom-explode_inline")}
 
 
 async def test_protocol_error_from_a_custom_handler(make_app: Any) -> None:
