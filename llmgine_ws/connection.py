@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import Any
@@ -118,6 +119,7 @@ class Connection:
         """Set once the connection has been cleaned up and forgotten by the hub."""
         self._send_grace = send_grace
         self.outbox: Outbox[OutboundItem] = Outbox(queue_size)
+        self._backlog: deque[str] | None = None
         """Frames waiting for the writer (the only task that writes to the socket)."""
         self._task_group: TaskGroup | None = None
 
@@ -179,7 +181,8 @@ class Connection:
 
     def send_nowait(self, frame: str) -> bool:
         """Queue a frame without waiting; False if the queue is full or the connection is closing."""
-        return not self.closing and self.outbox.put_nowait(frame)
+        # Not past a backlog: what waits there was queued first.
+        return not self.closing and self._backlog is None and self.outbox.put_nowait(frame)
 
     async def send(self, frame: str) -> None:
         """Queue a frame, waiting up to ``send_grace`` for room.
@@ -200,17 +203,36 @@ class Connection:
         self.force_close(WS_TRY_AGAIN_LATER, "outbound queue full", grace=self._send_grace)
         raise AppDisconnected(self.app_id)
 
-    def send_soon(self, frame: str) -> None:
-        """Queue a frame from code that must not wait (the reader): right away if there is room,
-        else from a task that waits like :meth:`send`."""
-        if not self.send_nowait(frame):
-            self.spawn(self._send_quietly, frame)
+    def send_soon(self, frame: str) -> bool:
+        """Queue a frame from code that must not wait (the reader, a broadcast, a backplane inbox).
 
-    async def _send_quietly(self, frame: str) -> None:
+        Right away if there is room; else it joins this connection's backlog, drained in order by one
+        task of the connection that waits like :meth:`send` (so a client too slow for the send grace
+        is closed with 1013, never silently skipped). False when the connection is going away.
+        """
+        if self._backlog is not None:
+            self._backlog.append(frame)
+            return True
+        if self.send_nowait(frame):
+            return True
+        if self.closing:
+            return False
+        backlog = self._backlog = deque([frame])
+        if not self.spawn(self._drain_backlog, backlog):
+            self._backlog = None
+            return False
+        return True
+
+    async def _drain_backlog(self, backlog: deque[str]) -> None:
         try:
-            await self.send(frame)
+            while backlog:
+                await self.send(backlog[0])
+                backlog.popleft()
         except AppDisconnected:
-            pass  # closed for being too slow (logged in send) or already going away
+            pass  # closed for being too slow (audited in send) or already going away
+        finally:
+            if self._backlog is backlog:
+                self._backlog = None
 
     def close(self, code: int = WS_NORMAL, reason: str = "", *, flush: bool = False) -> None:
         """Ask for this connection to be closed with ``code``.

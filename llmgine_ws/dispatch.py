@@ -81,7 +81,7 @@ class Dispatcher:
         except ProtocolError as exc:
             connection.send_soon(self._encoder.error(message_id, exc))
             return
-        if not connection.spawn(self._run, spec, message.data, ctx, scope, time.monotonic()):
+        if not connection.spawn(self._run, spec, message.data, ctx, scope, connection.last_activity):
             connection.end_request(message_id, scope)
 
     def admit(self, connection: Connection, message_id: str | None) -> bool:
@@ -94,7 +94,7 @@ class Dispatcher:
         limiter = connection.rate_limiter
         if limiter is None:
             return True
-        now = time.monotonic()
+        now = connection.last_activity  # the reader stamped this frame's arrival just before
         if limiter.messages.take(now):
             connection.rate_limit_noted = False
             return True

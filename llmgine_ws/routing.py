@@ -165,7 +165,7 @@ class LocalRouter:
         for connection in connections:
             if connection.app_id in exclude_apps or connection.closing:
                 continue
-            if connection.send_nowait(frame) or connection.spawn(self._send_late, connection, frame):
+            if connection.send_soon(frame):
                 reached += 1
         return reached
 
@@ -185,13 +185,6 @@ class LocalRouter:
     async def send_to_group(self, group: str, frame: str, exclude_apps: Collection[str]) -> int:
         """Queue the frame on every member of ``group`` here (like :meth:`broadcast`, never waiting)."""
         return self.deliver_many(self._hub.group_connections(group), frame, exclude_apps)
-
-    @staticmethod
-    async def _send_late(connection: Connection, frame: str) -> None:
-        try:
-            await connection.send(frame)
-        except AppDisconnected:
-            pass  # the connection was closed for being too slow; that is logged where it happens
 
     async def request(self, app_id: str, message_id: str, frame: str, timeout: float) -> dict[str, Any]:
         """See :meth:`Router.request`."""

@@ -236,3 +236,17 @@ async def test_outbox_cancelled_producer_leaves_nothing_behind() -> None:
     assert len(outbox) == 1
     assert await outbox.get() == "a"
     assert outbox.put_nowait("b")
+
+
+async def test_send_soon_keeps_order_behind_a_backlog() -> None:
+    """Frames that do not fit wait in one ordered backlog (on trio too, which does not start tasks FIFO)."""
+    connection = make_connection("app", queue_size=2, send_grace=5)
+    frames = [f"f{i}" for i in range(50)]
+    async with anyio.create_task_group() as tg:
+        connection.attach(tg)
+        assert all(connection.send_soon(frame) for frame in frames)
+        assert connection.send_nowait("late") is False  # nothing jumps the backlog
+        received = [await connection.outbox.get() for _ in frames]
+        await anyio.wait_all_tasks_blocked()  # the drain task has finished with the backlog
+        assert connection.send_nowait("after")
+    assert received == frames

@@ -50,7 +50,6 @@ import logging
 import re
 import time
 import uuid
-from collections import deque
 from collections.abc import Awaitable, Callable, Collection
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Union
@@ -370,7 +369,6 @@ class ClusterRouter:
         self._waiters: dict[str, _Waiter] = {}
         self._acks: dict[str, _AckWait] = {}
         self._remote_pending: dict[str, tuple[Connection, _RemotePending]] = {}
-        self._backlog: dict[str, deque[str]] = {}
         self._outbox: MemoryObjectSendStream[_Outgoing]
         self._outbox_receive: MemoryObjectReceiveStream[_Outgoing]
         self._outbox, self._outbox_receive = anyio.create_memory_object_stream[_Outgoing](OUTBOX_SIZE)
@@ -626,7 +624,6 @@ class ClusterRouter:
 
     def app_removed(self, connection: Connection) -> None:
         """Hub listener: announce that the app is gone."""
-        self._backlog.pop(connection.app_id, None)
         self._delta("app-", connection.app_id)
 
     def session_added(self, session: Session) -> None:
@@ -827,36 +824,9 @@ class ClusterRouter:
 
     # -- deliveries to apps here
 
-    def _deliver(self, connection: Connection, frame: str) -> bool:
-        """Queue a frame from another node without ever blocking the inbox, in order per app."""
-        backlog = self._backlog.get(connection.app_id)
-        if backlog is not None:
-            backlog.append(frame)
-            return True
-        if connection.send_nowait(frame):
-            return True
-        if connection.closing:
-            return False
-        backlog = self._backlog[connection.app_id] = deque([frame])
-        if not connection.spawn(self._drain_backlog, connection, backlog):
-            del self._backlog[connection.app_id]
-            return False
-        return True
-
-    async def _drain_backlog(self, connection: Connection, backlog: deque[str]) -> None:
-        try:
-            while backlog:
-                await connection.send(backlog[0])  # waits up to send_grace, then closes a stuck client
-                backlog.popleft()
-        except AppDisconnected:
-            pass
-        finally:
-            if self._backlog.get(connection.app_id) is backlog:
-                del self._backlog[connection.app_id]
-
     def _on_deliver(self, message: Deliver) -> None:
         connection = self._hub.get(message.app_id)
-        if connection is None or not self._deliver(connection, message.frame):
+        if connection is None or not connection.send_soon(message.frame):
             logger.debug("cluster node %s: frame for %s from %s dropped: app not connected here", self._node_id,
                          message.app_id, message.node)
 
@@ -880,7 +850,7 @@ class ClusterRouter:
         pending = _RemotePending(self, message.node, message.app_id, message.message_id, deadline)
         connection.pending[message.message_id] = pending
         self._remote_pending[message.message_id] = (connection, pending)
-        if not self._deliver(connection, message.frame):
+        if not connection.send_soon(message.frame):
             connection.pending.pop(message.message_id, None)
             pending.fail(AppDisconnected(message.app_id, message.message_id))
 
@@ -921,7 +891,7 @@ class ClusterRouter:
         exclude = set(message.exclude)
         count = 0
         for connection in targets:
-            if connection.app_id not in exclude and not connection.closing and self._deliver(connection, message.frame):
+            if connection.app_id not in exclude and not connection.closing and connection.send_soon(message.frame):
                 count += 1
         self._enqueue(self._inbox(message.node), Ack(node=self._node_id, ack=message.ack, count=count))
 
