@@ -6,7 +6,7 @@ the :class:`MessagingAPI` (``extensions.get_messaging_api()`` or :func:`get_mess
 
 from .app import create_app, get_messaging_api
 from .config import APIConfig, ConfigError
-from .context import HandlerContext
+from .context import NO_REPLY, HandlerContext
 from .engines import Engine, EngineContext
 from .errors import (
     AppDisconnected,
@@ -22,7 +22,6 @@ from .errors import (
     SessionNotFound,
 )
 from .extensions import Extensions
-from .handlers import NO_REPLY
 from .messaging import BlockingMessagingAPI, MessagingAPI, ServerResponse
 from .runtime import Runtime, get_runtime
 from .sessions import Session

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute, WebSocketRoute
 
 from .auth import Authenticator
 from .backplane import Backplane
+from .backplane.cluster import build_router
 from .config import APIConfig
 from .endpoint import MessageEndpoint
 from .extensions import Extensions
 from .http import StatusRoutes
+from .hub import Hub
 from .messaging import MessagingAPI
 from .runtime import Runtime, get_runtime
+from .sessions import SessionStore
 
 
 def create_app(
@@ -36,14 +37,18 @@ def create_app(
     :class:`~llmgine_ws.backplane.memory.MemoryBackplane` on a broker shared with other apps.
     """
     config = APIConfig.from_env() if config is None else config
-    runtime = Runtime(config, Extensions() if extensions is None else extensions, authenticator, backplane)
+    hub = Hub()
+    sessions = SessionStore(config.max_sessions)
+    runtime = Runtime(config, Extensions() if extensions is None else extensions, hub=hub, sessions=sessions,
+                      message_router=build_router(config, hub, sessions, backplane), authenticator=authenticator)
     routes: list[BaseRoute] = [
-        WebSocketRoute(config.ws_path, partial(MessageEndpoint, runtime=runtime)),
+        WebSocketRoute(config.ws_path, MessageEndpoint(runtime)),
         *StatusRoutes(runtime).routes(),
         *runtime.extensions.routes,
     ]
     app = Starlette(debug=config.debug, routes=routes, lifespan=runtime.lifespan)
     app.state.llmgine = runtime
+    runtime.services.app = app
     return app
 
 

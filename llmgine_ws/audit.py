@@ -5,43 +5,47 @@ closes). Each carries ``event`` plus fields such as ``app_id``, ``user_id``, ``m
 ``message_id``, ``outcome`` and ``reason`` as attributes of the log record (and in its message), so
 any handler or JSON formatter can pick them up. Payloads and credentials are never recorded.
 
-Every app has its own :class:`AuditLog`; when the app has metrics, the same events are counted.
+Every app has its own :class:`AuditLog`; an observer (the app's metrics, when it has them) sees
+every event too.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .metrics import Metrics
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
 
 logger = logging.getLogger("llmgine_ws.audit")
 
 _RESERVED = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
+_PLAIN = re.compile(r"^[A-Za-z0-9._:/@+\-\[\]]*$")
+"""Values shown bare in the text line; anything else is quoted, so a client-supplied value (an
+Origin header, say) can never pass for another field (``origin=x outcome=accepted``)."""
+
+AuditObserver = Callable[[str, Mapping[str, Any]], None]
+"""Called with ``(event, fields)`` for every audit record."""
+
 
 class AuditLog:
-    """Records audit events for one app (and counts them in its metrics, if any)."""
+    """Records audit events for one app (and tells its observer, if any)."""
 
-    def __init__(self, metrics: Metrics | None = None) -> None:
-        self._metrics = metrics
+    def __init__(self, observer: AuditObserver | None = None) -> None:
+        self._observer = observer
 
     def __call__(self, event: str, *, level: int = logging.INFO, **fields: Any) -> None:
         """Record one event. Field names must not be ``LogRecord`` attributes."""
         clash = _RESERVED.intersection(fields)
         if clash:
             raise ValueError(f"audit fields {sorted(clash)} clash with LogRecord attributes")
-        shown = " ".join(f"{key}={value}" for key, value in fields.items() if value is not None)
+        shown = " ".join(f"{key}={_shown(value)}" for key, value in fields.items() if value is not None)
         logger.log(level, "%s %s", event, shown, extra={"event": event, "audit": fields, **fields})
-        metrics = self._metrics
-        if metrics is None:
-            return
-        if event == "limit_hit":
-            metrics.limit_hit(str(fields.get("limit")))
-        elif event == "forced_close":
-            metrics.forced_close(str(fields.get("reason")))
-        elif event == "handshake_refused" or (event == "auth" and fields.get("outcome") == "refused"):
-            metrics.handshake_refused("auth" if event == "auth" else str(fields.get("reason")))
-        elif event == "server_request" and fields.get("outcome") != "sent":
-            metrics.server_request_done(str(fields.get("outcome")), float(fields.get("duration") or 0.0))
+        if self._observer is not None:
+            self._observer(event, fields)
+
+
+def _shown(value: Any) -> str:
+    text = str(value)
+    return text if _PLAIN.match(text) else json.dumps(text)

@@ -31,6 +31,8 @@ import msgspec
 from starlette.datastructures import Headers, QueryParams
 from starlette.types import Scope
 
+from .config import APIConfig
+
 AUTH_SUBPROTOCOL_PREFIX = "llmgine.auth."
 
 
@@ -236,3 +238,18 @@ def any_of(*authenticators: Authenticator) -> Authenticator:
         raise AuthenticationFailed("; ".join(dict.fromkeys(reasons)) or "refused")
 
     return authenticate
+
+
+def authenticator_from_config(config: APIConfig) -> Authenticator | None:
+    """The built-in authenticators the config asks for (any of them may accept), or None."""
+    configured: list[Authenticator] = []
+    if config.api_keys:
+        configured.append(APIKeyAuthenticator(config.api_keys))
+    if config.token_secret:
+        configured.append(TokenAuthenticator(config.token_secret))
+    if config.jwt_key:
+        configured.append(JWTAuthenticator(config.jwt_key, algorithms=config.jwt_algorithms,
+                                           audience=config.jwt_audience, issuer=config.jwt_issuer))
+    if not configured:
+        return None
+    return configured[0] if len(configured) == 1 else any_of(*configured)

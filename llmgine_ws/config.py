@@ -172,11 +172,6 @@ class APIConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields
             raise ValueError("ws_path must start with '/'")
         _check_cluster_settings(self)
 
-    @property
-    def auth_configured(self) -> bool:
-        """Whether any built-in authenticator is configured."""
-        return bool(self.api_keys or self.token_secret or self.jwt_key)
-
     def __repr__(self) -> str:
         fields = ", ".join(
             f"{name}={'<secret>' if name in SECRET_FIELDS and getattr(self, name) else getattr(self, name)!r}"

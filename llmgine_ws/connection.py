@@ -15,7 +15,6 @@ from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
-from starlette.websockets import WebSocket
 
 from .audit import AuditLog
 from .errors import AppDisconnected, ErrorCode, ProtocolError
@@ -49,12 +48,11 @@ OutboundItem = str | CloseRequest
 class PendingRequest:
     """A server request waiting for the client's ``server_response``."""
 
-    __slots__ = ("_done", "_error", "_response", "app_id", "message_id", "sent_at")
+    __slots__ = ("_done", "_error", "_response", "app_id", "message_id")
 
     def __init__(self, app_id: str, message_id: str) -> None:
         self.app_id = app_id
         self.message_id = message_id
-        self.sent_at = time.monotonic()
         self._done = anyio.Event()
         self._response: dict[str, Any] | None = None
         self._error: BaseException | None = None
@@ -86,21 +84,21 @@ class Connection:
     def __init__(
         self,
         app_id: str,
-        websocket: WebSocket,
         *,
         queue_size: int,
         send_grace: float,
         principal: Any = None,
         client_ip: str | None = None,
         audit: AuditLog | None = None,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         self.app_id = app_id
-        self.websocket = websocket
         self.principal = principal
         """Who authenticated this connection (``None`` without an authenticator)."""
         self.client_ip = client_ip
         """The client's address (after trusted-proxy resolution)."""
         self._audit = audit or AuditLog()
+        self._on_change = on_change
         self.rate_limiter: RateLimiter | None = None
         self.rate_limit_noted = False
         self.connected_at: datetime = utcnow()
@@ -115,6 +113,8 @@ class Connection:
         self.close_code: int | None = None
         self.close_reason = ""
         self.closing = False
+        self.flushing = False
+        """A close waits behind the frames already queued (see :meth:`close`)."""
         self.closed = anyio.Event()
         """Set once the connection has been cleaned up and forgotten by the hub."""
         self._send_grace = send_grace
@@ -128,12 +128,6 @@ class Connection:
         """The authenticated user's id, if the connection has a principal."""
         user_id = getattr(self.principal, "user_id", None)
         return user_id if isinstance(user_id, str) else None
-
-    @property
-    def client_address(self) -> str | None:
-        """The peer's address as seen by the server (``host:port``)."""
-        client = self.websocket.client
-        return f"{client.host}:{client.port}" if client else None
 
     def attach(self, task_group: TaskGroup) -> None:
         """Bind the task group that runs this connection's writer, handlers and timers."""
@@ -162,12 +156,14 @@ class Connection:
             raise ProtocolError(ErrorCode.TOO_MANY_REQUESTS, "too many requests in flight on this connection",
                                 {"limit": limit})
         scope = self.in_flight[message_id] = anyio.CancelScope()
+        self.changed()
         return scope
 
     def end_request(self, message_id: str, scope: anyio.CancelScope) -> None:
         """Forget a finished request (and wake :meth:`wait_idle` when it was the last)."""
         if self.in_flight.get(message_id) is scope:
             del self.in_flight[message_id]
+            self.changed()
         if not self.in_flight and self._idle is not None:
             self._idle.set()
             self._idle = None
@@ -194,6 +190,7 @@ class Connection:
             raise AppDisconnected(self.app_id)
         if self.outbox.put_nowait(frame):
             return
+        self.changed()  # a producer is about to wait for room
         with anyio.move_on_after(self._send_grace):
             try:
                 await self.outbox.put(frame)
@@ -243,17 +240,35 @@ class Connection:
         if self.close_code is None:
             self.close_code, self.close_reason = code, reason
         if flush and not self.closing and self.outbox.put_nowait(CloseRequest(code, reason)):
-            self.closing = True
+            self.closing = self.flushing = True
             return
         self.closing = True
+        self.changed()
         if self._task_group is not None:
             self._task_group.cancel_scope.cancel()
 
+    def changed(self) -> None:
+        """Tell the app's state watch that this connection changed (requests, pending, closing)."""
+        if self._on_change is not None:
+            self._on_change()
+
     def force_close(self, code: int, reason: str, **details: Any) -> None:
-        """Close the connection for a policy reason, right away, with an audit record."""
+        """Close the connection for a policy reason, right away, with an audit record.
+
+        Only the first close counts: a connection already closing is not closed (or audited) again.
+        """
+        if self.closing:
+            return
         self._audit("forced_close", level=logging.WARNING, code=code, reason=reason, app_id=self.app_id,
                     user_id=self.user_id, client_ip=self.client_ip, **details)
         self.close(code, reason)
+
+    def lose(self) -> None:
+        """The first, synchronous step of every close: nothing new may attach, and every server
+        request waiting for this app's answer fails right away (``AppDisconnected``)."""
+        self.closing = True
+        self.fail_pending(AppDisconnected)
+        self.changed()
 
     def fail_pending(self, error_factory: Callable[[str, str], Exception]) -> int:
         """Fail every pending server request (each waiter gets its own exception); returns the count."""

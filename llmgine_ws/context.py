@@ -1,32 +1,52 @@
-"""What a handler gets besides its payload: who asked, and the server's APIs."""
+"""What a handler gets besides its payload (:class:`HandlerContext`), and what it may return."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import warnings
+from typing import Any
 
-from .protocol import new_message_id
+import anyio
 
-if TYPE_CHECKING:
-    from starlette.applications import Starlette
+from .config import APIConfig
+from .connection import Connection
+from .lifecycle import Lifecycle
+from .messaging import MessagingAPI, ServerResponse
+from .protocol import FrameEncoder
+from .sessions import Session, SessionStore
 
-    from .config import APIConfig
-    from .connection import Connection
-    from .messaging import MessagingAPI, ServerResponse
-    from .runtime import Runtime
-    from .sessions import Session, SessionStore
+NO_REPLY: Any = object()
+"""Return this from a handler that answers (or will answer) by other means."""
+
+
+class Services:
+    """What every handler of one app can reach; shared by all of the app's handler contexts."""
+
+    __slots__ = ("app", "config", "encoder", "lifecycle", "messaging", "sessions")
+
+    def __init__(self, config: APIConfig, messaging: MessagingAPI, sessions: SessionStore, encoder: FrameEncoder,
+                 lifecycle: Lifecycle) -> None:
+        self.config = config
+        self.messaging = messaging
+        self.sessions = sessions
+        self.encoder = encoder
+        self.lifecycle = lifecycle
+        self.app: Any = None
+        """The Starlette app made by ``create_app`` (set once it exists)."""
 
 
 class HandlerContext:
     """Passed to every handler with the decoded payload: ``handler(data, ctx)``."""
 
-    __slots__ = ("connection", "message_id", "message_type", "runtime")
+    __slots__ = ("_services", "connection", "message_id", "message_type", "prepared")
 
-    def __init__(self, runtime: Runtime, connection: Connection, message_type: str, message_id: str) -> None:
-        self.runtime = runtime
+    def __init__(self, services: Services, connection: Connection, message_type: str, message_id: str) -> None:
+        self._services = services
         self.connection = connection
         self.message_type = message_type
         self.message_id = message_id
         """The request's message_id (the reply repeats it)."""
+        self.prepared: Any = None
+        """What the message type's ``prepare`` hook returned when it was dispatched (core handlers only)."""
 
     @property
     def app_id(self) -> str:
@@ -41,42 +61,50 @@ class HandlerContext:
     @property
     def messaging(self) -> MessagingAPI:
         """The server messaging API (reach any app, session, or everyone)."""
-        return self.runtime.messaging
+        return self._services.messaging
 
     @property
     def sessions(self) -> SessionStore:
         """All sessions; use :meth:`get_session` to look one up on behalf of this app."""
-        return self.runtime.sessions
+        return self._services.sessions
 
     @property
     def config(self) -> APIConfig:
         """The app's configuration."""
-        return self.runtime.config
+        return self._services.config
 
     @property
-    def app(self) -> Starlette | None:
-        """The Starlette app serving this connection (``app.state`` holds your own objects)."""
-        app: Starlette | None = self.connection.websocket.scope.get("app")
-        return app
+    def starlette_app(self) -> Any:
+        """The Starlette app serving this connection (``starlette_app.state`` holds your own objects)."""
+        return self._services.app
+
+    @property
+    def app(self) -> Any:
+        """Deprecated alias of :attr:`starlette_app` (``app`` read too much like ``app_id``)."""
+        warnings.warn("HandlerContext.app is deprecated: use ctx.starlette_app", DeprecationWarning, stacklevel=2)
+        return self._services.app
+
+    @property
+    def stopping(self) -> anyio.Event:
+        """Set when the server starts shutting down: long-running handlers may watch it to wrap up."""
+        return self._services.lifecycle.draining
 
     def get_session(self, session_id: str) -> Session:
         """The session if this app owns it; otherwise a ``SESSION_NOT_FOUND`` error for the client.
 
         Counts as an interaction with the session (resets its idle-expiry clock).
         """
-        session = self.runtime.sessions.get_owned(session_id, self.app_id)
+        session = self._services.sessions.get_owned(session_id, self.app_id)
         session.touch()
         return session
 
     async def send(self, message_type: str, data: Any = None) -> None:
         """Send a server-initiated message to this connection."""
-        frame = self.runtime.encoder.frame(message_type, new_message_id(), {} if data is None else data,
-                                           server_initiated=True)
-        await self.connection.send(frame)
+        await self.connection.send(self._services.encoder.event(message_type, {} if data is None else data))
 
     async def ask(self, message_type: str = "server_request", data: Any = None,
                   timeout: float | None = None) -> ServerResponse:
         """Send a server request to this connection and wait for its answer (see
         :meth:`MessagingAPI.send_to_app_and_wait`). Safe from inside a handler: the reader keeps
         reading while handlers run, so the answer gets through."""
-        return await self.runtime.messaging.send_to_app_and_wait(self.app_id, message_type, data, timeout)
+        return await self._services.messaging.send_to_app_and_wait(self.app_id, message_type, data, timeout)

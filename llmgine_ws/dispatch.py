@@ -9,38 +9,37 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import msgspec
 
+from .audit import AuditLog
 from .connection import WS_POLICY_VIOLATION, Connection
-from .context import HandlerContext
-from .errors import AppDisconnected, ErrorCode, ProtocolError, being_cancelled
+from .context import NO_REPLY, HandlerContext, Services
+from .errors import AppDisconnected, ErrorCode, ProtocolError
 from .extensions import HandlerSpec
-from .handlers import NO_REPLY
-from .protocol import ClientMessage, MessageDecoder, envelope_for
-
-if TYPE_CHECKING:
-    from .runtime import Runtime
+from .metrics import Metrics
+from .protocol import ANSWERS, CORE_CLIENT_MESSAGES, ClientMessage, MessageDecoder, envelope_for
+from .usercode import contained
 
 logger = logging.getLogger("llmgine_ws.dispatch")
 
-ANSWERS = frozenset({"server_response", "server_pong"})
-"""Answers to the server's own requests: never rate-limited (the server bounds how many it asks)."""
-
-ALLOWED_WHILE_DRAINING = frozenset({"server_response", "server_pong", "cancel", "ping", "status"})
+ALLOWED_WHILE_DRAINING = frozenset(name for name, spec in CORE_CLIENT_MESSAGES.items() if spec.while_draining)
 """What a draining server still answers: what lets running work finish, and harmless reads."""
 
 
 class Dispatcher:
     """The decoder and dispatch table of one app, built once from every registered message type."""
 
-    def __init__(self, runtime: Runtime, specs: Iterable[HandlerSpec]) -> None:
-        self._runtime = runtime
-        self._encoder = runtime.encoder
-        self._max_inflight = runtime.config.max_inflight_requests
-        self._metrics = runtime.metrics
+    def __init__(self, specs: Iterable[HandlerSpec], services: Services, *, audit: AuditLog,
+                 metrics: Metrics | None) -> None:
+        self._services = services
+        self._encoder = services.encoder
+        self._lifecycle = services.lifecycle
+        self._max_inflight = services.config.max_inflight_requests
+        self._audit = audit
+        self._metrics = metrics
         self.specs: dict[str, HandlerSpec] = {}
         self._table: dict[type[ClientMessage], HandlerSpec] = {}
         envelopes: dict[str, type[ClientMessage]] = {}
@@ -58,21 +57,21 @@ class Dispatcher:
             message: Any = self.decoder.decode(text)
         except (msgspec.DecodeError, RecursionError) as exc:
             readable_id, error = self.decoder.explain(text, exc)
-            if self.admit(connection, readable_id):
+            if self.within_rate_limit(connection, readable_id):
                 connection.send_soon(self._encoder.error(readable_id, error))
             return
         spec = self._table[type(message)]
         message_id: str = message.message_id
-        if spec.message_type not in ANSWERS and not self.admit(connection, message_id):
+        if spec.message_type not in ANSWERS and not self.within_rate_limit(connection, message_id):
             return
         if self._metrics is not None:
             self._metrics.message_in(spec.message_type)
-        if self._runtime.shutting_down and spec.message_type not in ALLOWED_WHILE_DRAINING:
+        if not self._lifecycle.accepting and spec.message_type not in ALLOWED_WHILE_DRAINING:
             connection.send_soon(self._encoder.error(message_id, ProtocolError(
                 ErrorCode.SHUTTING_DOWN, "the server is shutting down; reconnect shortly",
                 {"message_type": spec.message_type})))
             return
-        ctx = HandlerContext(self._runtime, connection, spec.message_type, message_id)
+        ctx = HandlerContext(self._services, connection, spec.message_type, message_id)
         if spec.inline:
             self._run_inline(spec, message.data, ctx)
             return
@@ -81,15 +80,21 @@ class Dispatcher:
         except ProtocolError as exc:
             connection.send_soon(self._encoder.error(message_id, exc))
             return
+        if spec.prepare is not None:
+            try:
+                ctx.prepared = spec.prepare(message.data, ctx)
+            except ProtocolError as exc:
+                connection.end_request(message_id, scope)
+                connection.send_soon(self._encoder.error(message_id, exc))
+                return
         if not connection.spawn(self._run, spec, message.data, ctx, scope, connection.last_activity):
             connection.end_request(message_id, scope)
 
-    def admit(self, connection: Connection, message_id: str | None) -> bool:
-        """Apply the connection's rate limit to one incoming frame.
+    def within_rate_limit(self, connection: Connection, message_id: str | None) -> bool:
+        """Spend one message of the connection's rate limit; False if the frame must be dropped.
 
         Over the limit: answer ``RATE_LIMITED`` (with ``retry_after``) and drop the frame; once the
-        strike budget is spent too, close the connection (1008). Answers to the server's own
-        requests are exempt: the server bounds those itself.
+        strike budget is spent too, close the connection (1008).
         """
         limiter = connection.rate_limiter
         if limiter is None:
@@ -103,53 +108,55 @@ class Dispatcher:
             return False
         if not connection.rate_limit_noted:  # once per episode, not once per message: no log flooding
             connection.rate_limit_noted = True
-            self._runtime.audit("limit_hit", level=logging.WARNING, limit="rate", app_id=connection.app_id,
-                                user_id=connection.user_id, client_ip=connection.client_ip)
+            self._audit("limit_hit", level=logging.WARNING, limit="rate", app_id=connection.app_id,
+                        user_id=connection.user_id, client_ip=connection.client_ip)
         connection.send_soon(self._encoder.error(message_id, ProtocolError(
             ErrorCode.RATE_LIMITED, "too many messages: slow down",
             {"retry_after": round(limiter.messages.retry_after(), 3)})))
         return False
 
     def _run_inline(self, spec: HandlerSpec, data: Any, ctx: HandlerContext) -> None:
-        try:
-            result = spec.handler(data, ctx)
-            if result is NO_REPLY:
-                return
-            frame = self._encoder.frame(spec.response_type, ctx.message_id, {} if result is None else result)
-        except ProtocolError as exc:
-            frame = self._protocol_error(spec, ctx, exc)
-        except Exception:
-            frame = self._internal_error(spec, ctx)
-        except anyio.get_cancelled_exc_class():  # raised by the handler itself: nothing here awaits
-            frame = self._internal_error(spec, ctx)
+        frame: str | None = None
+        with contained(logger, "handler for %r raised", spec.message_type,
+                       extra={"app_id": ctx.app_id, "message_id": ctx.message_id}) as outcome:
+            try:
+                result = spec.handler(data, ctx)
+                if result is NO_REPLY:
+                    return
+                frame = self._encoder.frame(spec.response_type, ctx.message_id, {} if result is None else result)
+            except ProtocolError as exc:
+                frame = self._protocol_error(spec, ctx, exc)
+        if outcome.failed or frame is None:
+            frame = self._internal_error(spec, ctx.message_id)
         ctx.connection.send_soon(frame)
 
     async def _run(self, spec: HandlerSpec, data: Any, ctx: HandlerContext, scope: anyio.CancelScope,
                    arrived: float) -> None:
         connection = ctx.connection
+        frame: str | None = None
         try:
-            with scope:
-                result = await spec.handler(data, ctx)
-                if result is NO_REPLY:
-                    return
-                frame = self._encoder.frame(spec.response_type, ctx.message_id, {} if result is None else result)
-            if scope.cancelled_caught:
-                frame = self._encoder.error(ctx.message_id, ProtocolError(
-                    ErrorCode.CANCELLED, "the request was cancelled", {"message_id": ctx.message_id}))
-        except ProtocolError as exc:
-            frame = self._protocol_error(spec, ctx, exc)
-        except AppDisconnected:
-            if connection.closing:
-                return  # this very connection is going away: nobody to answer
-            frame = self._internal_error(spec, ctx)  # another app went away and the handler did not handle it
-        except Exception:
-            frame = self._internal_error(spec, ctx)
-        except anyio.get_cancelled_exc_class():
-            if being_cancelled():
-                raise
-            frame = self._internal_error(spec, ctx)  # a stray cancellation from the handler's own code
+            with contained(logger, "handler for %r raised", spec.message_type,
+                           extra={"app_id": ctx.app_id, "message_id": ctx.message_id}) as outcome:
+                try:
+                    with scope:
+                        result = await spec.handler(data, ctx)
+                        if result is NO_REPLY:
+                            return
+                        frame = self._encoder.frame(spec.response_type, ctx.message_id,
+                                                    {} if result is None else result)
+                    if scope.cancelled_caught:
+                        frame = self._encoder.error(ctx.message_id, ProtocolError(
+                            ErrorCode.CANCELLED, "the request was cancelled", {"message_id": ctx.message_id}))
+                except ProtocolError as exc:
+                    frame = self._protocol_error(spec, ctx, exc)
+                except AppDisconnected:
+                    if connection.closing:
+                        return  # this very connection is going away: nobody to answer
+                    raise  # another app went away and the handler did not handle it
         finally:
             connection.end_request(ctx.message_id, scope)
+        if outcome.failed or frame is None:
+            frame = self._internal_error(spec, ctx.message_id)
         try:
             await connection.send(frame)
         except AppDisconnected:
@@ -157,17 +164,16 @@ class Dispatcher:
         if self._metrics is not None:
             self._metrics.request_done(spec.message_type, time.monotonic() - arrived)
 
-    def _protocol_error(self, spec: HandlerSpec, ctx: HandlerContext, exc: ProtocolError) -> str:
+    def _protocol_error(self, spec: HandlerSpec, ctx: HandlerContext, exc: ProtocolError) -> str | None:
         try:
             return self._encoder.error(ctx.message_id, exc)
         except Exception:  # details that cannot be encoded: a bug in the handler
-            return self._internal_error(spec, ctx)
+            logger.exception("handler for %r raised a ProtocolError whose details cannot be encoded",
+                             spec.message_type, extra={"app_id": ctx.app_id, "message_id": ctx.message_id})
+            return None
 
-    def _internal_error(self, spec: HandlerSpec, ctx: HandlerContext) -> str:
-        logger.exception("handler for %r raised", spec.message_type,
-                         extra={"app_id": ctx.app_id, "message_id": ctx.message_id})
+    def _internal_error(self, spec: HandlerSpec, message_id: str) -> str:
         error = ProtocolError(ErrorCode.INTERNAL_ERROR,
                               f"the server failed to handle this {spec.message_type!r} message",
                               {"message_type": spec.message_type})
-        return self._encoder.error(ctx.message_id, error)
-
+        return self._encoder.error(message_id, error)

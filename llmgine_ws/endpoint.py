@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 import anyio
-from starlette.endpoints import WebSocketEndpoint
 from starlette.types import Receive, Scope, Send
-from starlette.websockets import WebSocket, WebSocketState
+from starlette.websockets import WebSocket
 
 from .connection import WS_INTERNAL_ERROR, WS_MESSAGE_TOO_BIG, CloseRequest, Connection
 from .errors import AppDisconnected, ErrorCode, ProtocolError
@@ -28,83 +26,66 @@ BINARY_FRAME_ERROR = ProtocolError(
     ErrorCode.WEBSOCKET_ERROR, "binary frames are not accepted: send each message as a JSON text frame",
     {"frame": "binary"},
 )
+CLOSE_FRAME_TIMEOUT = 1.0
+"""How long the close frame may take to go out before cleanup goes on without it."""
 
 
-class MessageEndpoint(WebSocketEndpoint):
-    """Serves one WebSocket connection for a :class:`Runtime`.
+class MessageEndpoint:
+    """The ASGI endpoint serving every WebSocket connection of one app (mounted by ``create_app``)."""
 
-    Mounted by :func:`llmgine_ws.create_app` as ``partial(MessageEndpoint, runtime=...)``.
-    """
-
-    encoding = None
-
-    def __init__(self, scope: Scope, receive: Receive, send: Send, *, runtime: Runtime) -> None:
-        super().__init__(scope, receive, send)
+    def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self.connection: Connection | None = None
 
-    async def dispatch(self) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Handshake, then read/write/keepalive until either side closes, then clean up."""
-        websocket = WebSocket(self.scope, receive=self.receive, send=self.send)
-        await self.on_connect(websocket)
-        connection = self.connection
+        runtime = self.runtime
+        websocket = WebSocket(scope, receive=receive, send=send)
+        connection = await runtime.gate.open(websocket)
         if connection is None:
             return
-        try:
-            async with anyio.create_task_group() as tg:
-                connection.attach(tg)
-                tg.start_soon(self._write, websocket, connection)
-                if self.runtime.config.ping_interval > 0:
-                    tg.start_soon(self._keepalive, connection)
-                tg.start_soon(self.runtime.on_connected, connection)
-                await self._read(websocket, connection)
-                self.runtime.connection_lost(connection)
+        async with anyio.create_task_group() as tg:
+            connection.attach(tg)
+            writer_done = anyio.Event()
+            tg.start_soon(self._write, connection, send, writer_done)
+            if runtime.config.ping_interval > 0:
+                tg.start_soon(self._keepalive, connection)
+            tg.start_soon(runtime.on_connected, connection)
+            peer_gone = False
+            try:
+                peer_gone = await self._read(connection, receive)
+            finally:
+                # Cleanup runs here, inside the task group, right after cancelling it: whatever user
+                # code does not stop in time is abandoned (the task group waits for it afterwards),
+                # but never holds the connection's cleanup up past its own deadlines.
+                with anyio.CancelScope(shield=True):
+                    if connection.flushing and not peer_gone:  # the queued frames go out before the close
+                        with anyio.move_on_after(runtime.config.send_grace):
+                            await writer_done.wait()
+                connection.lose()
                 tg.cancel_scope.cancel()
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self.on_disconnect(websocket, connection.close_code or 1000)
+                with anyio.CancelScope(shield=True):
+                    with anyio.move_on_after(CLOSE_FRAME_TIMEOUT):
+                        await writer_done.wait()  # the close frame must not overtake a frame being written
+                    if not peer_gone:
+                        await self._send_close(connection, send)
+                    await runtime.close_connection(connection)
 
-    async def on_connect(self, websocket: WebSocket) -> None:
-        """Accept and register the connection (or refuse it)."""
-        self.connection = await self.runtime.open_connection(websocket)
-
-    async def on_receive(self, websocket: WebSocket, data: Any) -> None:
-        """One frame from the client: decode once, dispatch, never wait on the handler."""
-        assert self.connection is not None
-        if isinstance(data, str):
-            self.runtime.dispatcher.dispatch(self.connection, data)
-        else:
-            self.connection.send_soon(self.runtime.encoder.error(None, BINARY_FRAME_ERROR))
-
-    async def on_disconnect(self, websocket: WebSocket, close_code: int) -> None:
-        """Finish the closing handshake, then clean up everything the connection owned.
-
-        The close frame goes first: cleanup (engine stops, callbacks) may take seconds, and a client
-        must learn the server's close code (1008, 1009, 1013, 1001...) without waiting for it.
-        """
-        connection = self.connection
-        assert connection is not None
-        self.runtime.connection_lost(connection)  # waiters fail now, not after the close frame
-        connected = WebSocketState.CONNECTED
-        if websocket.client_state == connected and websocket.application_state == connected:
-            with anyio.move_on_after(1.0):
-                try:
-                    await websocket.close(code=close_code, reason=connection.close_reason)
-                except Exception:  # the peer may vanish mid-close; cleanup goes on regardless
-                    logger.debug("close frame to %s not delivered", connection.app_id, exc_info=True)
-        await self.runtime.close_connection(connection)
-
-    async def _read(self, websocket: WebSocket, connection: Connection) -> None:
+    async def _read(self, connection: Connection, receive: Receive) -> bool:
+        """Read until the client leaves (True) or the connection starts closing (False)."""
         max_size = self.runtime.config.max_message_size
-        receive = self.receive
-        dispatch = self.runtime.dispatcher.dispatch
+        dispatcher = self.runtime.dispatcher
+        dispatch = dispatcher.dispatch
         while True:
             message = await receive()
             kind = message["type"]
             if kind == "websocket.disconnect":
                 if connection.close_code is None:
                     connection.close_code = int(message.get("code") or 1005)
-                return
+                return True
+            if connection.closing:
+                # uvicorn's receive() does not yield while frames are queued, so a cancelled reader
+                # would go on reading a flooding client: a closing connection reads nothing more.
+                return False
             if kind != "websocket.receive":
                 continue
             connection.last_activity = time.monotonic()
@@ -118,14 +99,13 @@ class MessageEndpoint(WebSocketEndpoint):
                 size = len(message.get("bytes") or b"")
             if size > max_size:
                 connection.force_close(WS_MESSAGE_TOO_BIG, "message too big", size=size, limit=max_size)
-                return
+                return False
             if text is not None:
                 dispatch(connection, text)  # the hot path: no coroutine, no await
-            elif self.runtime.dispatcher.admit(connection, None):
-                await self.on_receive(websocket, message.get("bytes"))
+            elif dispatcher.within_rate_limit(connection, None):
+                connection.send_soon(self.runtime.encoder.error(None, BINARY_FRAME_ERROR))
 
-    async def _write(self, websocket: WebSocket, connection: Connection) -> None:
-        send = self.send
+    async def _write(self, connection: Connection, send: Send, done: anyio.Event) -> None:
         outbox = connection.outbox
         try:
             while True:
@@ -140,6 +120,18 @@ class MessageEndpoint(WebSocketEndpoint):
             logger.debug("write to %s failed: %r", connection.app_id, exc, extra={"app_id": connection.app_id})
             connection.close(WS_INTERNAL_ERROR if connection.close_code is None else connection.close_code,
                              "write failed")
+        finally:
+            done.set()
+
+    async def _send_close(self, connection: Connection, send: Send) -> None:
+        """The close frame goes out before cleanup: cleanup (engine stops, callbacks) may take seconds,
+        and a client must learn the server's close code (1008, 1009, 1013, 1001...) without waiting."""
+        with anyio.move_on_after(CLOSE_FRAME_TIMEOUT):
+            try:
+                await send({"type": "websocket.close", "code": connection.close_code or 1000,
+                            "reason": connection.close_reason})
+            except Exception:  # the peer may vanish mid-close; cleanup goes on regardless
+                logger.debug("close frame to %s not delivered", connection.app_id, exc_info=True)
 
     async def _keepalive(self, connection: Connection) -> None:
         interval = self.runtime.config.ping_interval

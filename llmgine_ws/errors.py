@@ -12,11 +12,8 @@ Two families live here:
 
 from __future__ import annotations
 
-import asyncio
 import enum
 from typing import Any
-
-import anyio
 
 
 class ErrorCode(enum.StrEnum):
@@ -150,22 +147,3 @@ class MessageTooLarge(MessagingError):
         self.size = size
         self.limit = limit
         self.backplane = backplane
-
-
-def being_cancelled() -> bool:
-    """Whether the current task is really being cancelled: by one of its enclosing cancel scopes, or
-    (on asyncio) by ``Task.cancel()``, e.g. uvicorn cancelling connection tasks when its graceful
-    shutdown times out.
-
-    A cancellation exception caught while this is False was not meant for us: user code raised it
-    on its own (typically by awaiting a task or future that something else cancelled). The server
-    then treats it like any other exception from user code instead of letting it pass for the
-    cancellation of its own task (which would, e.g., tear a whole connection down).
-    """
-    if anyio.current_effective_deadline() <= anyio.current_time():
-        return True
-    try:
-        task = asyncio.current_task()
-    except RuntimeError:  # not running on asyncio: cancellation only ever comes through scopes
-        return False
-    return task is not None and task.cancelling() > 0

@@ -11,17 +11,17 @@ import inspect
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from starlette.routing import BaseRoute
 
-if TYPE_CHECKING:
-    from .context import HandlerContext
-    from .engines import EngineFactory
-    from .messaging import MessagingAPI
-    from .sessions import Session
+from .context import HandlerContext
+from .engines import EngineFactory
+from .messaging import MessagingAPI
+from .protocol import RESERVED_MESSAGE_TYPES
+from .sessions import Session
 
-Handler = Callable[[Any, "HandlerContext"], Awaitable[Any]] | Callable[[Any, "HandlerContext"], Any]
+Handler = Callable[[Any, HandlerContext], Awaitable[Any]] | Callable[[Any, HandlerContext], Any]
 """``handler(data, ctx)``: ``data`` is the decoded payload struct; the return value is the reply's data.
 
 An ``async def`` handler runs in its own task, concurrently with the connection's other messages.
@@ -29,20 +29,9 @@ A plain ``def`` handler runs inline in the reader and must never block: keep it 
 """
 
 ConnectionCallback = Callable[[str], Awaitable[None]]
-SessionCallback = Callable[["Session"], Awaitable[None]]
+SessionCallback = Callable[[Session], Awaitable[None]]
 
 _TYPE_NAME = re.compile(r"^[a-z][a-z0-9_.:-]{0,63}$")
-
-CORE_CLIENT_TYPES = frozenset(
-    {"ping", "create_session", "status", "close_session", "server_response", "server_pong",
-     "create_engine", "engine_command", "cancel", "delete_engine"}
-)
-CORE_SERVER_TYPES = frozenset(
-    {"connected", "ping_res", "create_session_res", "status_res", "close_session_res", "error",
-     "server_request", "notification", "server_ping", "engine_event", "create_engine_res",
-     "engine_command_res", "cancel_res", "delete_engine_res", "server_request_cancelled"}
-)
-
 
 @dataclass(frozen=True, slots=True)
 class HandlerSpec:
@@ -53,6 +42,10 @@ class HandlerSpec:
     handler: Handler
     response_type: str
     inline: bool
+    prepare: Callable[[Any, HandlerContext], Any] | None = None
+    """Runs inline when the message is dispatched, before an async handler's task starts (e.g. to take
+    a slot that messages right behind it must see); its result is ``ctx.prepared``; raising
+    ``ProtocolError`` answers instead."""
 
 
 class Extensions:
@@ -85,7 +78,7 @@ class Extensions:
         self._check_open()
         if not _TYPE_NAME.match(message_type):
             raise ValueError(f"message type {message_type!r} must match {_TYPE_NAME.pattern}")
-        if message_type in CORE_CLIENT_TYPES or message_type in CORE_SERVER_TYPES:
+        if message_type in RESERVED_MESSAGE_TYPES:
             raise ValueError(f"message type {message_type!r} is reserved by the core protocol")
         if message_type in self.handlers:
             raise ValueError(f"a handler for {message_type!r} is already registered")
@@ -97,7 +90,7 @@ class Extensions:
         Sending works without declaring; declared types are listed in ``/api/info`` and the schema.
         """
         self._check_open()
-        if message_type in CORE_SERVER_TYPES:
+        if message_type in RESERVED_MESSAGE_TYPES:
             raise ValueError(f"message type {message_type!r} is reserved by the core protocol")
         self.server_messages[message_type] = data_type
 
@@ -150,7 +143,8 @@ class Extensions:
             raise RuntimeError("registration is closed: the app has already been created")
 
 
-def make_spec(message_type: str, data_type: Any, handler: Handler, response_type: str | None) -> HandlerSpec:
+def make_spec(message_type: str, data_type: Any, handler: Handler, response_type: str | None,
+              prepare: Callable[[Any, HandlerContext], Any] | None = None) -> HandlerSpec:
     """Describe one message type for the dispatcher."""
     return HandlerSpec(
         message_type=message_type,
@@ -158,6 +152,7 @@ def make_spec(message_type: str, data_type: Any, handler: Handler, response_type
         handler=handler,
         response_type=response_type or f"{message_type}_res",
         inline=not inspect.iscoroutinefunction(handler),
+        prepare=prepare,
     )
 
 

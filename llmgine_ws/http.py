@@ -70,18 +70,20 @@ class StatusRoutes:
         """Readiness: 200 while serving, 503 before start-up finished and once shutdown began."""
         runtime = self.runtime
         ready, problems = runtime.readiness()
+        counts = runtime.live_counts()
         body = {
             "status": "ready" if ready else "not_ready",
             "problems": problems,
             "checks": {
-                "started": runtime.started,
-                "shutting_down": runtime.shutting_down,
+                "state": runtime.lifecycle.state.value,
+                "started": runtime.lifecycle.running,
+                "shutting_down": not runtime.lifecycle.accepting,
                 "background_tasks": "running" if runtime.background_tasks_alive else "down",
             },
-            "connections": len(runtime.hub),
-            "sessions": len(runtime.sessions),
-            "engines": runtime.sessions.engine_count(),
-            "pending_server_requests": runtime.hub.pending_request_count(),
+            "connections": counts["connections"],
+            "sessions": counts["sessions"],
+            "engines": counts["engines"],
+            "pending_server_requests": counts["pending_server_requests"],
             "timestamp": utcnow(),
         }
         return JSONResponse(body, status_code=200 if ready else 503)
@@ -152,7 +154,7 @@ class StatusRoutes:
             }
             for c in runtime.hub
         ]
-        router = runtime.router
+        router = runtime.message_router
         for connection in connections:
             connection["node_id"] = router.node_id
         presence = router.presence()

@@ -23,8 +23,7 @@ class HubListener(Protocol):
 class Hub:
     """Registry of the connections served by this process.
 
-    It only tracks; delivery goes through a :class:`~llmgine_ws.routing.Router`, and cleanup is
-    orchestrated by the :class:`~llmgine_ws.runtime.Runtime`.
+    It only tracks; delivery goes through a :class:`~llmgine_ws.routing.MessageRouter`.
     """
 
     def __init__(self) -> None:
@@ -114,10 +113,6 @@ class Hub:
     def group_connections(self, group: str) -> list[Connection]:
         """The connections here that are members of ``group`` (membership ends with the connection)."""
         return [self._connections[app_id] for app_id in self._groups.get(group, ()) if app_id in self._connections]
-
-    def groups_of(self, app_id: str) -> list[str]:
-        """The groups ``app_id`` belongs to."""
-        return sorted(self._memberships.get(app_id, ()))
 
     def app_ids(self) -> list[str]:
         """The app_ids connected here."""

@@ -14,7 +14,7 @@ from anyio.from_thread import BlockingPortal
 from .audit import AuditLog
 from .errors import AppDisconnected, MessagingError, RateLimited, ServerRequestFailed, SessionNotFound
 from .protocol import FrameEncoder, new_message_id
-from .routing import AppPresence, Router
+from .routing import AppPresence, MessageRouter
 from .security import TokenBucket
 
 logger = logging.getLogger("llmgine_ws.messaging")
@@ -41,7 +41,7 @@ class MessagingAPI:
     Payloads (``data``) may be msgspec structs or mappings; they are encoded once per call.
     """
 
-    def __init__(self, router: Router, encoder: FrameEncoder, *, default_timeout: float,
+    def __init__(self, router: MessageRouter, encoder: FrameEncoder, *, default_timeout: float,
                  broadcast_limit: TokenBucket | None = None,
                  user_of: Callable[[str], str | None] = lambda app_id: None,
                  audit: AuditLog | None = None) -> None:
@@ -260,6 +260,10 @@ class BlockingMessagingAPI:
     def get_app_sessions(self, app_id: str) -> list[str]:
         """Blocking :meth:`MessagingAPI.get_app_sessions`."""
         return self._portal.call(self._api.get_app_sessions, app_id)
+
+    def get_presence(self) -> list[AppPresence]:
+        """Blocking :meth:`MessagingAPI.get_presence`."""
+        return self._portal.call(self._api.get_presence)
 
 
 def _payload(data: Any) -> Any:

@@ -8,11 +8,8 @@ cost to a dictionary lookup and an increment.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .runtime import Runtime
+from collections.abc import Iterator, Mapping
+from typing import Any, Protocol
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -26,10 +23,26 @@ def metrics_available() -> bool:
     return True
 
 
+class LiveState(Protocol):
+    """The live figures read at scrape time (the app's runtime provides them)."""
+
+    def live_counts(self) -> Mapping[str, int]:
+        """``connections``, ``sessions``, ``engines``, ``pending_server_requests``, ``ready`` (0/1), ..."""
+
+
+_GAUGES = {
+    "connections": "Open connections",
+    "sessions": "Live sessions",
+    "engines": "Sessions with an engine",
+    "pending_server_requests": "Server requests waiting for an answer",
+    "ready": "1 while ready to take traffic",
+}
+
+
 class Metrics:
     """The app's counters and histograms."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, state: LiveState) -> None:
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
         self.registry = CollectorRegistry(auto_describe=True)
@@ -54,7 +67,7 @@ class Metrics:
         self._handshakes_refused = Counter("llmgine_ws_handshakes_refused", "Handshakes refused, by reason",
                                            ["reason"], registry=registry)
         self._children: dict[tuple[int, str], Any] = {}
-        registry.register(_StateCollector(runtime))
+        registry.register(_StateCollector(state))
 
     def _child(self, metric: Any, label: str) -> Any:
         key = (id(metric), label)
@@ -96,6 +109,17 @@ class Metrics:
         """A handshake was refused (auth, origin, caps, shutdown)."""
         self._child(self._handshakes_refused, reason).inc()
 
+    def observe_audit(self, event: str, fields: Mapping[str, Any]) -> None:
+        """Count what the audit log records (an :data:`~llmgine_ws.audit.AuditObserver`)."""
+        if event == "limit_hit":
+            self.limit_hit(str(fields.get("limit")))
+        elif event == "forced_close":
+            self.forced_close(str(fields.get("reason")))
+        elif event == "handshake_refused" or (event == "auth" and fields.get("outcome") == "refused"):
+            self.handshake_refused("auth" if event == "auth" else str(fields.get("reason")))
+        elif event == "server_request" and fields.get("outcome") != "sent":
+            self.server_request_done(str(fields.get("outcome")), float(fields.get("duration") or 0.0))
+
     def render(self) -> tuple[bytes, str]:
         """The exposition (body, content type)."""
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -104,10 +128,10 @@ class Metrics:
 
 
 class _StateCollector:
-    """Gauges read from the runtime at scrape time (nothing to keep in sync on the hot path)."""
+    """Gauges read at scrape time (nothing to keep in sync on the hot path)."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self._runtime = runtime
+    def __init__(self, state: LiveState) -> None:
+        self._state = state
 
     def describe(self) -> list[Any]:
         return []
@@ -115,10 +139,6 @@ class _StateCollector:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
-        runtime = self._runtime
-        yield GaugeMetricFamily("llmgine_ws_connections", "Open connections", value=len(runtime.hub))
-        yield GaugeMetricFamily("llmgine_ws_sessions", "Live sessions", value=len(runtime.sessions))
-        yield GaugeMetricFamily("llmgine_ws_engines", "Sessions with an engine", value=runtime.sessions.engine_count())
-        yield GaugeMetricFamily("llmgine_ws_pending_server_requests", "Server requests waiting for an answer",
-                                value=runtime.hub.pending_request_count())
-        yield GaugeMetricFamily("llmgine_ws_ready", "1 while ready to take traffic", value=int(runtime.readiness()[0]))
+        counts = self._state.live_counts()
+        for name, description in _GAUGES.items():
+            yield GaugeMetricFamily(f"llmgine_ws_{name}", description, value=counts.get(name, 0))

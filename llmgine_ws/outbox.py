@@ -40,6 +40,11 @@ class Outbox(Generic[T]):
     def __len__(self) -> int:
         return len(self._items) + len(self._waiting_producers)
 
+    @property
+    def waiting(self) -> int:
+        """Producers waiting for room (the consumer is behind)."""
+        return len(self._waiting_producers)
+
     def put_nowait(self, item: T) -> bool:
         """Queue ``item`` if there is room and nobody is already waiting for room; else False."""
         if self._closed or self._waiting_producers or len(self._items) >= self._capacity:

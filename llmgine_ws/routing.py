@@ -1,4 +1,4 @@
-"""The routing seam: every delivery to an app, a session's app, or everyone goes through a Router.
+"""The routing seam: every delivery to an app, a session's app, or everyone goes through a MessageRouter.
 
 :class:`LocalRouter` delivers to the connections of this process. A cluster router (NATS, Redis)
 implements the same interface and falls back to the local one for apps connected here, so the
@@ -57,7 +57,7 @@ def default_node_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-class Router(Protocol):
+class MessageRouter(Protocol):
     """Where frames go. All methods are safe to call for apps that are not (or no longer) connected."""
 
     async def send_to_app(self, app_id: str, frame: str) -> None:
@@ -174,12 +174,12 @@ class LocalRouter:
         return self.deliver_many(self._hub.user_connections(user_id), frame)
 
     async def join_group(self, app_id: str, group: str) -> None:
-        """See :meth:`Router.join_group`."""
+        """See :meth:`MessageRouter.join_group`."""
         if not self._hub.join_group(app_id, group):
             raise AppNotConnected(app_id)
 
     async def leave_group(self, app_id: str, group: str) -> bool:
-        """See :meth:`Router.leave_group`."""
+        """See :meth:`MessageRouter.leave_group`."""
         return self._hub.leave_group(app_id, group)
 
     async def send_to_group(self, group: str, frame: str, exclude_apps: Collection[str]) -> int:
@@ -187,12 +187,13 @@ class LocalRouter:
         return self.deliver_many(self._hub.group_connections(group), frame, exclude_apps)
 
     async def request(self, app_id: str, message_id: str, frame: str, timeout: float) -> dict[str, Any]:
-        """See :meth:`Router.request`."""
+        """See :meth:`MessageRouter.request`."""
         connection = self._connection(app_id)
         if len(connection.pending) >= self._max_pending:
             raise PendingRequestLimit(app_id, self._max_pending)
         pending = PendingRequest(app_id, message_id)
         connection.pending[message_id] = pending
+        connection.changed()
         try:
             await connection.send(frame)
             with anyio.fail_after(timeout):
@@ -200,28 +201,29 @@ class LocalRouter:
         finally:
             if connection.pending.get(message_id) is pending:
                 del connection.pending[message_id]
+                connection.changed()
 
     def connected_apps(self) -> list[str]:
-        """See :meth:`Router.connected_apps`."""
+        """See :meth:`MessageRouter.connected_apps`."""
         return [c.app_id for c in self._hub if not c.closing]
 
     def is_app_connected(self, app_id: str) -> bool:
-        """See :meth:`Router.is_app_connected`."""
+        """See :meth:`MessageRouter.is_app_connected`."""
         connection = self._hub.get(app_id)
         return connection is not None and not connection.closing
 
     def app_sessions(self, app_id: str) -> list[str]:
-        """See :meth:`Router.app_sessions`."""
+        """See :meth:`MessageRouter.app_sessions`."""
         connection = self._hub.get(app_id)
         return sorted(connection.session_ids) if connection is not None else []
 
     def session_owner(self, session_id: str) -> str | None:
-        """See :meth:`Router.session_owner`."""
+        """See :meth:`MessageRouter.session_owner`."""
         session = self._sessions.get(session_id)
         return session.app_id if session is not None else None
 
     def presence(self) -> list[AppPresence]:
-        """See :meth:`Router.presence`."""
+        """See :meth:`MessageRouter.presence`."""
         return [
             AppPresence(app_id=c.app_id, node_id=self.node_id, node_name=self._node_name,
                         connected_at=c.connected_at, sessions=sorted(c.session_ids), local=True)
@@ -229,12 +231,12 @@ class LocalRouter:
         ]
 
     def nodes(self) -> list[NodePresence]:
-        """See :meth:`Router.nodes`."""
+        """See :meth:`MessageRouter.nodes`."""
         return [NodePresence(node_id=self.node_id, node_name=self._node_name, apps=len(self._hub), local=True,
                              last_seen_seconds=0.0)]
 
     def health_problems(self) -> list[str]:
-        """See :meth:`Router.health_problems` (a local router is always healthy)."""
+        """See :meth:`MessageRouter.health_problems` (a local router is always healthy)."""
         return []
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:

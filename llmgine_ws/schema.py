@@ -33,11 +33,23 @@ from typing import Any, Literal, Union
 
 import msgspec
 
-from .engines import EngineCommandResData, EngineEventData
 from .extensions import HandlerSpec
-from .handlers import CancelResData, CreateEngineResData, DeleteEngineResData, core_handlers
-from .protocol import CORE_SERVER_MESSAGES, NotificationData, ServerRequestData, envelope_for
-from .runtime import SUBPROTOCOL, Runtime, get_runtime
+from .gate import SUBPROTOCOL
+from .protocol import (
+    ANSWERS,
+    CORE_CLIENT_MESSAGES,
+    CORE_SERVER_MESSAGES,
+    NotificationData,
+    ServerRequestData,
+    ServerRequestError,
+    UserConfirmationRequest,
+    UserConfirmationResponse,
+    UserInputRequest,
+    UserInputResponse,
+    envelope_for,
+)
+from .protocol import SERVER_REQUESTS as _SERVER_REQUEST_SPECS
+from .runtime import Runtime, get_runtime
 
 __all__ = [
     "SERVER_INITIATED",
@@ -58,110 +70,20 @@ __all__ = [
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 
 SERVER_MESSAGES: Mapping[str, Any] = MappingProxyType(
-    {
-        **CORE_SERVER_MESSAGES,
-        "create_engine_res": CreateEngineResData,
-        "engine_event": EngineEventData,
-        "engine_command_res": EngineCommandResData,
-        "cancel_res": CancelResData,
-        "delete_engine_res": DeleteEngineResData,
-    }
-)
+    {name: spec.data_type for name, spec in CORE_SERVER_MESSAGES.items()})
 """Payload type of every message the core server (engines included) sends, by ``type``."""
 
-SERVER_INITIATED = frozenset(
-    {"connected", "server_ping", "server_request", "server_request_cancelled", "notification", "engine_event"}
-)
+SERVER_INITIATED = frozenset(name for name, spec in CORE_SERVER_MESSAGES.items() if spec.server_initiated)
 """Core server messages that carry ``"server_initiated": true`` (the others are responses)."""
 
-_NO_RESPONSE = frozenset({"server_response", "server_pong"})
-"""Client messages that are themselves answers: only an ``error`` ever comes back for them."""
-
-_STREAMS = MappingProxyType({"engine_command": ("engine_event",)})
-"""Client messages answered by a stream of server messages before their response."""
+SERVER_REQUESTS: Mapping[str, tuple[Any, Any]] = MappingProxyType(
+    {name: (spec.request, spec.response) for name, spec in _SERVER_REQUEST_SPECS.items()})
+"""``request_type`` → (request data, response data) of the server requests the core sends."""
 
 _DESCRIPTIONS: Mapping[str, str] = MappingProxyType({
-    "ping": "Round trip check; the reply echoes the timestamp.",
-    "create_session": "Create a session owned by this connection.",
-    "status": "Status of one of this connection's sessions (and of its engine).",
-    "close_session": "Close a session; its engine is stopped.",
-    "server_response": "The answer to a server_request (same message_id).",
-    "server_pong": "The answer to a server_ping (same message_id).",
-    "cancel": "Cancel one of this connection's requests still running (e.g. an engine_command).",
-    "create_engine": "Create the session's engine (one per session).",
-    "engine_command": "Run a command on the session's engine: engine_event* then engine_command_res.",
-    "delete_engine": "Stop and delete the session's engine; the session stays.",
-    "connected": "First message of every connection: the app_id the server assigned to it.",
-    "ping_res": "Answer to ping.",
-    "create_session_res": "Answer to create_session.",
-    "status_res": "Answer to status.",
-    "close_session_res": "Answer to close_session.",
-    "error": "A request failed (same message_id as the request, or a new one when it was unreadable).",
-    "server_ping": "Liveness check: answer with server_pong echoing the timestamp.",
-    "server_request": "The server asks the client something; answer with server_response (same message_id).",
-    "server_request_cancelled": "The server withdrew a server_request: close its dialog, stop its handler.",
-    "notification": "Fire-and-forget information for the client.",
-    "create_engine_res": "Answer to create_engine.",
-    "engine_event": "One streamed event of a running engine_command (seq counts from 0, no gaps).",
-    "engine_command_res": "Final answer to engine_command, after all of its events.",
-    "cancel_res": "Answer to cancel: whether the target was still running and got cancelled.",
-    "delete_engine_res": "Answer to delete_engine.",
+    **{name: spec.description for name, spec in CORE_CLIENT_MESSAGES.items()},
+    **{name: spec.description for name, spec in CORE_SERVER_MESSAGES.items()},
 })
-
-
-# --------------------------------------------------------------------------------------------
-# The core server requests (server_request with a known request_type) and their answers
-# --------------------------------------------------------------------------------------------
-
-
-class UserInputRequest(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=False):
-    """``server_request`` data with ``request_type: "user_input"``: ask the user for text.
-
-    Sent by ``EngineContext.ask_user`` (with ``session_id`` and ``command_id``) and by backends.
-    """
-
-    request_type: Literal["user_input"]
-    prompt: str
-    session_id: str | msgspec.UnsetType = msgspec.UNSET
-    command_id: str | msgspec.UnsetType = msgspec.UNSET
-
-
-class UserConfirmationRequest(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=False):
-    """``server_request`` data with ``request_type: "user_confirmation"``: ask the user to choose an option."""
-
-    request_type: Literal["user_confirmation"]
-    message: str
-    options: list[str]
-    session_id: str | msgspec.UnsetType = msgspec.UNSET
-    command_id: str | msgspec.UnsetType = msgspec.UNSET
-
-
-class UserInputResponse(msgspec.Struct, kw_only=True, frozen=True):
-    """``server_response`` data answering ``user_input``."""
-
-    response_type: Literal["user_input"]
-    user_input: str
-
-
-class UserConfirmationResponse(msgspec.Struct, kw_only=True, frozen=True):
-    """``server_response`` data answering ``user_confirmation``: one of the offered options."""
-
-    response_type: Literal["user_confirmation"]
-    selection: str
-
-
-class ServerRequestError(msgspec.Struct, kw_only=True, frozen=True):
-    """``server_response`` data refusing any server request (the server raises ``ServerRequestFailed``)."""
-
-    response_type: str
-    error: str
-
-
-SERVER_REQUESTS: Mapping[str, tuple[Any, Any]] = MappingProxyType({
-    "user_input": (UserInputRequest, UserInputResponse),
-    "user_confirmation": (UserConfirmationRequest, UserConfirmationResponse),
-})
-"""``request_type`` → (request data, response data) of the server requests the core sends."""
 
 _OPEN_OBJECTS = (ServerRequestData, NotificationData, UserInputRequest, UserConfirmationRequest)
 """Payloads that may carry fields beyond those declared (``additionalProperties: true``)."""
@@ -178,6 +100,16 @@ class _ServerMessage:
     data_type: Any
     server_initiated: bool
     description: str
+
+
+def core_specs() -> list[HandlerSpec]:
+    """The core client messages as the schema sees them: from the registry (no handlers needed)."""
+    return [HandlerSpec(name, spec.data_type, _no_handler, spec.reply or f"{name}_res", True)
+            for name, spec in CORE_CLIENT_MESSAGES.items()]
+
+
+def _no_handler(data: Any, ctx: Any) -> None:
+    """Stands in for the core handlers, which the schema does not need."""
 
 
 def server_message_types(
@@ -197,7 +129,7 @@ def _server_messages(handlers: Sequence[HandlerSpec], declared: Mapping[str, Any
     }
     replies: set[str] = set()
     for spec in handlers:
-        if spec.message_type in _NO_RESPONSE:
+        if spec.message_type in ANSWERS:
             continue
         replies.add(spec.response_type)
         if spec.response_type not in found:
@@ -272,7 +204,7 @@ class ProtocolSchema:
     @classmethod
     def core(cls) -> ProtocolSchema:
         """The core protocol alone (no custom messages), as the checked-in ``.d.ts`` describes it."""
-        return cls(tuple(core_handlers()), {})
+        return cls(tuple(core_specs()), {})
 
     @classmethod
     def of_app(cls, app: Any) -> ProtocolSchema:
@@ -342,11 +274,12 @@ def build_json_schema(
         envelope = _component_name(client_envelopes[spec.message_type], components)
         if envelope is not None and descriptions[spec.message_type]:
             defs[envelope]["description"] = f"`{spec.message_type}`: {descriptions[spec.message_type]}"
-        responses = ["error"] if spec.message_type in _NO_RESPONSE else [spec.response_type, "error"]
+        responses = ["error"] if spec.message_type in ANSWERS else [spec.response_type, "error"]
         entry: dict[str, Any] = {"$ref": f"#/$defs/{envelope}", "description": descriptions[spec.message_type],
                                  "responses": responses, "core": spec.message_type in _DESCRIPTIONS}
-        if spec.message_type in _STREAMS:
-            entry["streams"] = list(_STREAMS[spec.message_type])
+        core = CORE_CLIENT_MESSAGES.get(spec.message_type)
+        if core is not None and core.streams:
+            entry["streams"] = list(core.streams)
         client_index[spec.message_type] = entry
     for m in outgoing:
         envelope = _component_name(server_envelopes[m.message_type], components)
@@ -445,7 +378,7 @@ def build_asyncapi(json_schema: Mapping[str, Any], *, server_url: str | None = N
     channel_ref = {"$ref": "#/channels/llmgine"}
     operations: dict[str, Any] = {}
     for message_type, entry in client.items():
-        if message_type in _NO_RESPONSE:
+        if message_type in ANSWERS:
             continue  # replies to the server's own operations below
         operation: dict[str, Any] = {
             "action": "receive",

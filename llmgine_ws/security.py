@@ -144,6 +144,11 @@ class ConnectionCounter:
             return 429, f"too many connections from this address (limit {self.max_per_ip})"
         return None
 
+    @property
+    def addresses(self) -> int:
+        """Client addresses with at least one connection counted."""
+        return len(self._per_ip)
+
     def add(self, client_ip: str | None) -> None:
         """Count a connection in."""
         self.total += 1

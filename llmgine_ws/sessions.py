@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from .errors import ErrorCode, ProtocolError
 from .protocol import utcnow
-
-if TYPE_CHECKING:
-    from .engines import EngineHandle
 
 
 class Session:
     """One session, owned by exactly one app (connection)."""
 
-    __slots__ = ("_touched", "app_id", "created_at", "engine", "last_interaction_at", "session_id", "state")
+    __slots__ = ("_touched", "app_id", "created_at", "last_interaction_at", "session_id", "state")
 
     def __init__(self, session_id: str, app_id: str) -> None:
         self.session_id = session_id
@@ -25,14 +23,8 @@ class Session:
         self.created_at: datetime = utcnow()
         self.last_interaction_at: datetime = self.created_at
         self._touched = time.monotonic()
-        self.engine: EngineHandle | None = None
         self.state: dict[str, Any] = {}
         """Free space for your handlers' per-session data."""
-
-    @property
-    def status(self) -> str:
-        """``active`` while the session exists (a destroyed session is gone from the store)."""
-        return "active"
 
     def touch(self) -> None:
         """Record an interaction (resets the idle-expiry clock)."""
@@ -73,7 +65,7 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[Session]:
         return iter(list(self._sessions.values()))
 
     def create(self, app_id: str) -> Session:
@@ -113,7 +105,3 @@ class SessionStore:
         """Sessions idle for longer than ``timeout`` seconds."""
         now = time.monotonic()
         return [s for s in self._sessions.values() if s.idle_for(now) > timeout]
-
-    def engine_count(self) -> int:
-        """Sessions that currently have an engine."""
-        return sum(1 for s in self._sessions.values() if s.engine is not None)

@@ -28,7 +28,7 @@ async def call(request: Request) -> Response:
     api = runtime.messaging
     body = msgspec.json.decode(await request.body())
     op, args = body["op"], body.get("args", {})
-    node = runtime.router.node_id
+    node = runtime.message_router.node_id
     if args.pop("require_other_than", None) == node:  # lets a test aim at another worker of one port
         return Response(msgspec.json.encode({"ok": False, "error": "WrongNode", "node": node}),
                         media_type="application/json")
@@ -62,13 +62,14 @@ async def call(request: Request) -> Response:
         elif op == "node_of":
             result = next((p.node_id for p in api.get_presence() if p.app_id == args["app_id"]), None)
         elif op == "whoami":
-            result = runtime.router.node_id
+            result = runtime.message_router.node_id
         else:
             return Response(f"unknown op {op!r}", status_code=400)
     except (MessagingError, TimeoutError) as exc:
-        payload = {"ok": False, "error": type(exc).__name__, "message": str(exc), "node": runtime.router.node_id}
+        payload = {"ok": False, "error": type(exc).__name__, "message": str(exc),
+                   "node": runtime.message_router.node_id}
         return Response(msgspec.json.encode(payload), media_type="application/json")
-    payload = {"ok": True, "result": result, "node": runtime.router.node_id}
+    payload = {"ok": True, "result": result, "node": runtime.message_router.node_id}
     return Response(msgspec.json.encode(payload), media_type="application/json")
 
 

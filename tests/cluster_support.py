@@ -69,7 +69,7 @@ async def user_from_query(handshake: Handshake) -> Principal:
 
 def router_of(node: LiveServer) -> ClusterRouter:
     """The cluster router of an in-process node."""
-    router = node.runtime.router
+    router = node.runtime.message_router
     assert isinstance(router, ClusterRouter)
     return router
 

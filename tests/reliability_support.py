@@ -188,10 +188,10 @@ def registries(runtime: Runtime) -> dict[str, int]:
     return {
         "connections": len(runtime.hub),
         "sessions": len(runtime.sessions),
-        "engines": runtime.sessions.engine_count(),
+        "engines": runtime.engines.running(),
         "pending_requests": runtime.hub.pending_request_count(),
         "connection_counter": runtime.connection_counter.total,
-        "connection_counter_ips": len(runtime.connection_counter._per_ip),
+        "connection_counter_ips": runtime.connection_counter.addresses,
         "in_flight": sum(len(c.in_flight) for c in runtime.hub),
     }
 

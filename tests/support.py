@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -37,6 +37,10 @@ class LiveServer:
     def runtime(self) -> Runtime:
         """The runtime of the llmgine_ws app being served."""
         return get_runtime(self.app)
+
+    async def eventually(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+        """Wait until ``predicate()`` holds, re-checked at every change of the server's state."""
+        await self.runtime.watch.wait_for(predicate, timeout)
 
 
 def listening_socket() -> socket.socket:

@@ -107,16 +107,12 @@ async def _stream_to_a_stalled_client(app: Any, sock: Any) -> list[dict[str, Any
         raw = await RawWebSocket.open(server.port)
         connection = next(iter(server.runtime.hub))
         await raw.send_text(json.dumps({"type": "create_session", "message_id": "c", "data": {}}))
-        with anyio.fail_after(5):
-            while not connection.session_ids:
-                await anyio.lowlevel.checkpoint()
+        await server.eventually(lambda: bool(connection.session_ids))
         session_id = next(iter(connection.session_ids))
         await raw.send_text(json.dumps({"type": "create_engine", "message_id": "e",
                                         "data": {"session_id": session_id, "engine_type": "stream"}}))
-        session = server.runtime.sessions.get(session_id)
-        with anyio.fail_after(5):  # a client waits for create_engine_res before commanding the engine
-            while session is None or session.engine is None:
-                await anyio.lowlevel.checkpoint()
+        engines = server.runtime.engines  # a client waits for create_engine_res before commanding the engine
+        await server.eventually(lambda: (handle := engines.get(session_id)) is not None and handle.status == "idle")
         await raw.send_text(json.dumps({"type": "engine_command", "message_id": "run",
                                         "data": {"session_id": session_id, "command": {"n": 2000}}}))
         await wait_cleaned(connection, timeout=30)  # the client never read: the server gave up on it

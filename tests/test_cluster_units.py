@@ -25,8 +25,6 @@ from llmgine_ws.hub import Hub
 from llmgine_ws.routing import LocalRouter
 from llmgine_ws.sessions import SessionStore
 
-from .test_units import FakeWebSocket
-
 pytestmark = pytest.mark.anyio
 
 
@@ -44,7 +42,7 @@ class Node:
                                     heartbeat_interval=0.2)
 
     def connect(self, tg: anyio.abc.TaskGroup, app_id: str, user: str | None = None) -> Connection:
-        connection = Connection(app_id, FakeWebSocket(), queue_size=16, send_grace=0.5,  # type: ignore[arg-type]
+        connection = Connection(app_id, queue_size=16, send_grace=0.5,
                                 principal=Principal(user_id=user) if user else None)
         connection.attach(tg)
         self.hub.add(connection)

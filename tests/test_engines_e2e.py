@@ -391,7 +391,7 @@ async def test_close_session_stops_its_engine(engine_server: LiveServer, probe: 
         session_id, _ = await new_engine(client)
         await client.request("close_session", {"session_id": session_id})
         assert probe.stopped == [session_id]
-        assert engine_server.runtime.sessions.engine_count() == 0
+        assert engine_server.runtime.engines.running() == 0
 
 
 async def test_disconnect_mid_command_stops_the_engine(engine_server: LiveServer, probe: Probe) -> None:
@@ -406,7 +406,7 @@ async def test_disconnect_mid_command_stops_the_engine(engine_server: LiveServer
     assert probe.cancelled == ["stream_forever"]
     assert probe.stopped == [session_id]
     runtime = engine_server.runtime
-    assert (len(runtime.hub), len(runtime.sessions), runtime.sessions.engine_count()) == (0, 0, 0)
+    assert (len(runtime.hub), len(runtime.sessions), runtime.engines.running()) == (0, 0, 0)
     assert runtime.hub.pending_request_count() == 0
 
 
@@ -469,4 +469,84 @@ async def test_an_engine_whose_start_fails_still_gets_its_stop(engine_server: Li
                                                    "config": {"fail_start": True}})
         assert error.value.code == "ENGINE_CREATION_FAILED"
         assert probe.stopped == [session_id]  # what start() had opened is released
-        assert engine_server.runtime.sessions.engine_count() == 0
+        assert engine_server.runtime.engines.running() == 0
+
+
+async def test_concurrent_create_engine_runs_one_factory(make_app: Any, probe: Probe) -> None:
+    """Eight create_engine for one session at once: one factory and one start(), seven ENGINE_EXISTS."""
+    made: list[str] = []
+    extensions = Extensions()
+
+    async def counting_factory(session: Session, cfg: dict[str, Any]) -> ScriptedEngine:
+        made.append(session.session_id)
+        await anyio.sleep(0.05)  # a factory that takes a while (say, opening an HTTP client): the race window
+        return ScriptedEngine(session, cfg, probe)
+
+    extensions.register_engine("slow", counting_factory)
+    async with serve(make_app(extensions)) as server, connect(server.ws_url) as client:
+        session_id = await client.create_session()
+        outcomes: list[str] = []
+
+        async def create(n: int) -> None:
+            try:
+                await client.request("create_engine", {"session_id": session_id, "engine_type": "slow"},
+                                     message_id=f"create-{n}")
+                outcomes.append("created")
+            except RequestError as error:
+                outcomes.append(error.code)
+
+        async with anyio.create_task_group() as tg:
+            for n in range(8):
+                tg.start_soon(create, n)
+        assert sorted(outcomes) == ["ENGINE_EXISTS"] * 7 + ["created"]
+        assert made == [session_id] and probe.started == [session_id]
+
+
+async def test_a_command_pipelined_behind_create_engine_waits_for_the_engine(engine_server: LiveServer) -> None:
+    """create_engine then engine_command without waiting for create_engine_res: the command runs."""
+    async with connect(engine_server.ws_url) as client:
+        session_id = await client.create_session()
+        await client.send("create_engine", {"session_id": session_id, "engine_type": "scripted_async"},
+                          message_id="create")
+        await client.send("engine_command", {"session_id": session_id, "command": {"kind": "stream", "n": 3}},
+                          message_id="run")
+        events, result = await collect_command(client, "run")
+        assert [e.data["payload"]["text"] for e in events] == ["t0", "t1", "t2"]
+        assert result.data["status"] == "completed"
+
+
+async def test_commands_queued_behind_a_failing_start_are_answered(make_app: Any, probe: Probe) -> None:
+    """A command sent while its engine starts waits; when start() then fails, it is answered (failed)."""
+    starting, fail_now = anyio.Event(), anyio.Event()
+
+    class FailingStart(ScriptedEngine):
+        async def start(self) -> None:
+            starting.set()
+            await fail_now.wait()
+            raise RuntimeError("start failed: secret-token-789")
+
+    extensions = Extensions()
+    extensions.register_engine("failing", lambda session, cfg: FailingStart(session, cfg, probe))
+    async with serve(make_app(extensions)) as server, connect(server.ws_url) as client:
+        session_id = await client.create_session()
+        connection = server.runtime.hub.get(client.app_id)
+        assert connection is not None
+        creation: list[str] = []
+
+        async def create() -> None:
+            with pytest.raises(RequestError) as error:
+                await client.request("create_engine", {"session_id": session_id, "engine_type": "failing"})
+            creation.append(error.value.code)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(create)
+            with anyio.fail_after(5):
+                await starting.wait()
+            await client.send("engine_command", {"session_id": session_id, "command": {"kind": "stream", "n": 3}},
+                              message_id="run")
+            await server.eventually(lambda: "run" in connection.in_flight)
+            fail_now.set()
+            _, result = await collect_command(client, "run")
+        assert creation == ["ENGINE_CREATION_FAILED"]
+        assert result.data["status"] == "failed"
+        assert "could not be started" in result.data["error"] and "secret" not in result.data["error"]

@@ -16,6 +16,8 @@ back to zero, and nothing unexpected was logged at ERROR (the faults a test prov
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 from typing import Any
 
 import anyio
@@ -33,9 +35,10 @@ from llmgine_ws import (
 )
 from llmgine_ws.client import Client, Message, RequestError, connect
 from llmgine_ws.connection import Connection
+from llmgine_ws.usercode import run_callbacks
 
 from .reliability_support import EMPTY, error_trap, registries, wait_registries_empty
-from .support import LiveServer, serve, wait_cleaned
+from .support import LiveServer, RawWebSocket, serve, small_send_buffer_socket, wait_cleaned
 
 pytestmark = pytest.mark.anyio
 
@@ -125,11 +128,9 @@ def fault_app(make_app: Any, extensions: Extensions | None = None, **config: Any
     return make_app(extensions, **config)
 
 
-async def server_noticed(connection: Connection) -> None:
+async def server_noticed(server: LiveServer, connection: Connection) -> None:
     """Wait until the server has seen the connection go (its cleanup has begun)."""
-    with anyio.fail_after(5):
-        while not connection.closing:
-            await anyio.lowlevel.checkpoint()
+    await server.eventually(lambda: connection.closing)
 
 
 async def assert_clean(server: LiveServer, connection: Connection | None) -> None:
@@ -443,18 +444,18 @@ async def test_disconnect_while_a_stream_waits_for_room_in_a_full_outbox(make_ap
     probe: dict[str, Any] = {}
     app = fault_app(make_app, engine_extensions(probe), outbound_queue_size=4, send_grace=30)
     with error_trap():
-        async with serve(app) as server:
-            async with connect(server.ws_url) as client:
-                connection = own_connection(server, client)
-                session_id = await client.create_session()
-                await client.request("create_engine", {"session_id": session_id, "engine_type": "faulty"})
-                await client.send("engine_command", {"session_id": session_id, "command": {"stream": True}})
-                # The client's reader keeps reading into its inbox; wait until the server's queue is full.
-                with anyio.fail_after(10):
-                    while not connection.outbox._waiting_producers:
-                        await client.receive()
-                        await anyio.lowlevel.checkpoint()
-                await client.abort()
+        async with serve(app, sock=small_send_buffer_socket()) as server:
+            raw = await RawWebSocket.open(server.port)  # it never reads
+            connection = next(iter(server.runtime.hub))
+            await raw.send_text(json.dumps({"type": "create_session", "message_id": "c", "data": {}}))
+            await server.eventually(lambda: bool(connection.session_ids))
+            session_id = next(iter(connection.session_ids))
+            for message_type, data in (("create_engine", {"engine_type": "faulty"}),
+                                       ("engine_command", {"command": {"stream": True}})):
+                await raw.send_text(json.dumps({"type": message_type, "message_id": message_type,
+                                                "data": {"session_id": session_id, **data}}))
+            await server.eventually(lambda: connection.outbox.waiting > 0, timeout=10)
+            await raw.aclose()
             await assert_clean(server, connection)
 
 
@@ -478,11 +479,13 @@ async def test_disconnect_while_an_engine_starts(make_app: Any) -> None:
 async def test_slow_disconnect_callback_does_not_hold_up_other_disconnects(make_app: Any) -> None:
     release = anyio.Event()
     entered: list[str] = []
+    first_entered = anyio.Event()
     extensions = Extensions()
 
     async def slow_goodbye(app_id: str) -> None:
         entered.append(app_id)
         if len(entered) == 1:
+            first_entered.set()
             await release.wait()
 
     extensions.register_connection_callback("disconnect", slow_goodbye)
@@ -494,8 +497,7 @@ async def test_slow_disconnect_callback_does_not_hold_up_other_disconnects(make_
                 await fast.create_session()
                 await slow.abort()
                 with anyio.fail_after(5):
-                    while not entered:
-                        await anyio.lowlevel.checkpoint()
+                    await first_entered.wait()
                 # The first cleanup is stuck in its callback; a second disconnect goes straight through.
                 assert slow_connection.app_id not in server.runtime.hub
                 await fast.close()
@@ -568,7 +570,7 @@ async def test_close_session_in_flight_when_the_client_vanishes(make_app: Any) -
                 with anyio.fail_after(5):
                     await probe["stopping"].wait()
                 await client.abort()
-                await server_noticed(connection)
+                await server_noticed(server, connection)
                 probe["stop_gate"].set()
             await assert_clean(server, connection)
     assert destroyed == finished == [session_id]
@@ -607,9 +609,12 @@ async def test_reaper_and_disconnect_destroy_the_same_sessions(make_app: Any) ->
     probe: dict[str, Any] = {"stop_gate": anyio.Event(), "stopping": anyio.Event()}
     extensions = engine_extensions(probe)
     destroyed: list[str] = []
+    all_destroyed = anyio.Event()
 
     async def on_destroyed(session: Session) -> None:
         destroyed.append(session.session_id)
+        if len(destroyed) == 3:
+            all_destroyed.set()
 
     extensions.register_session_callback("session_destroyed", on_destroyed)
     app = fault_app(make_app, extensions, session_timeout=0.05, session_reap_interval=0.02)
@@ -626,8 +631,7 @@ async def test_reaper_and_disconnect_destroy_the_same_sessions(make_app: Any) ->
                 await wait_cleaned(connection)
                 probe["stop_gate"].set()
             with anyio.fail_after(5):
-                while len(destroyed) < 3:
-                    await anyio.lowlevel.checkpoint()
+                await all_destroyed.wait()
             await assert_clean(server, connection)
     assert sorted(destroyed) == sorted(sessions)
 
@@ -700,7 +704,6 @@ async def test_a_policy_close_reaches_the_client_before_slow_cleanup(make_app: A
 async def test_a_native_task_cancel_is_real_even_inside_a_shield(make_app: Any) -> None:
     """uvicorn cancels connection tasks with Task.cancel() when its graceful shutdown times out; that
     must not be taken for a stray cancellation from a callback (and logged as its failure)."""
-    runtime = make_app().state.llmgine
     entered = anyio.Event()
 
     async def patient(arg: str) -> None:
@@ -709,7 +712,7 @@ async def test_a_native_task_cancel_is_real_even_inside_a_shield(make_app: Any) 
 
     async def cleanup() -> None:
         with anyio.CancelScope(shield=True):  # as close_connection runs
-            await runtime._run_callbacks([patient], "app")
+            await run_callbacks([patient], "app", timeout=10, log=logging.getLogger("test"))
 
     with error_trap():
         task = asyncio.get_running_loop().create_task(cleanup())

@@ -475,9 +475,8 @@ class Rig:
             await client.request("close_session", {"session_id": session_id})
         if self.play_session not in own:
             self.play_session = await client.create_session()
-        session = self.runtime.sessions.get(self.play_session)
-        assert session is not None
-        if session.engine is None or session.engine.stopped:
+        engine = self.runtime.engines.get(self.play_session)
+        if engine is None or engine.stopped:
             await client.request("create_engine", {"session_id": self.play_session, "engine_type": "echo"})
         assert self.control_session in own, "the garbage must never reach the control session"
 

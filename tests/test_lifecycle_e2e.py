@@ -10,6 +10,7 @@ import pytest
 
 from llmgine_ws import Extensions, Session
 from llmgine_ws.client import RequestError, connect
+from llmgine_ws.lifecycle import State
 
 from .support import serve, wait_cleaned
 
@@ -42,9 +43,7 @@ async def test_server_ping_shape(make_app: Any) -> None:
                           message_id=ping.message_id)
         connection = server.runtime.hub.get(client.app_id)
         assert connection is not None
-        with anyio.fail_after(5):
-            while ping.message_id in connection.unanswered_pings:
-                await anyio.lowlevel.checkpoint()
+        await server.eventually(lambda: ping.message_id not in connection.unanswered_pings)
 
 
 async def test_idle_sessions_expire_and_the_client_is_told(make_app: Any) -> None:
@@ -129,7 +128,7 @@ async def test_readiness_follows_the_lifespan(make_app: Any) -> None:
             body = (await http.get("/health/ready")).json()
             assert (body["connections"], body["sessions"], body["pending_server_requests"]) == (1, 1, 0)
     assert runtime.readiness()[0] is False
-    assert runtime.shutting_down is True
+    assert runtime.lifecycle.state is State.STOPPED
 
 
 async def test_shutdown_closes_connections_and_fails_pending_requests(make_app: Any) -> None:

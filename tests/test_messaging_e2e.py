@@ -242,9 +242,7 @@ async def test_pending_request_limit(make_app: Any) -> None:
             for _ in range(2):
                 tg.start_soon(lambda: messaging.send_to_app_and_wait(client.app_id, data={"request_type": "hold"},
                                                                      timeout=5))
-            with anyio.fail_after(5):
-                while server.runtime.hub.pending_request_count() < 2:
-                    await anyio.lowlevel.checkpoint()
+            await server.eventually(lambda: server.runtime.hub.pending_request_count() >= 2)
             with pytest.raises(PendingRequestLimit):
                 await messaging.send_to_app_and_wait(client.app_id, data={"request_type": "hold"}, timeout=5)
             hold.set()

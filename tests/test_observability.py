@@ -82,8 +82,7 @@ async def test_metrics_count_forced_closes_and_refused_handshakes(make_app: Any)
             async with connect(server.ws_url, headers={"Origin": "https://evil.example"}):
                 pass
         with anyio.fail_after(5):
-            while len(server.runtime.hub):
-                await anyio.lowlevel.checkpoint()
+            await server.runtime.hub.wait_empty()
         samples = await scrape(http)
     assert samples['llmgine_ws_forced_closes_total{reason="message too big"}'] == 1
     assert samples['llmgine_ws_handshakes_refused_total{reason="origin not allowed"}'] == 1

@@ -91,13 +91,19 @@ async def test_create_session_without_app_id_uses_the_connection(server: LiveSer
         assert server.runtime.sessions.get(response.data["session_id"]).app_id == client.app_id  # type: ignore[union-attr]
 
 
-async def test_create_session_for_another_app_is_forbidden(server: LiveServer) -> None:
+async def test_create_session_app_id_never_reaches_another_app(server: LiveServer) -> None:
+    """Seed-era clients send their own name as ``app_id``; whatever it says, the session is the caller's,
+    and the answer is the same whether that app exists or not."""
     async with connect(server.ws_url) as a, connect(server.ws_url) as b:
-        with pytest.raises(RequestError) as error:
-            await a.request("create_session", {"app_id": b.app_id}, message_id="steal")
-        assert error.value.code == "FORBIDDEN"
-        assert error.value.message_id == "steal"
-        assert len(server.runtime.sessions) == 0
+        answers = []
+        for claimed in (b.app_id, "my-frontend-app", a.app_id):
+            reply = await a.request("create_session", {"app_id": claimed})
+            answers.append(sorted(reply.data))
+            session_id = reply.data["session_id"]
+            assert server.runtime.sessions.get_owned(session_id, a.app_id).app_id == a.app_id
+        assert answers[0] == answers[1] == answers[2] == ["session_id"]
+        assert server.runtime.messaging.get_app_sessions(b.app_id) == []
+        assert len(server.runtime.messaging.get_app_sessions(a.app_id)) == 3
 
 
 async def test_another_apps_session_is_indistinguishable_from_a_missing_one(server: LiveServer) -> None:

@@ -20,8 +20,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 
 from llmgine_ws import APIConfig, Extensions, create_app, get_runtime
-from llmgine_ws.extensions import CORE_CLIENT_TYPES, CORE_SERVER_TYPES
-from llmgine_ws.handlers import core_handlers
+from llmgine_ws.protocol import CORE_CLIENT_MESSAGES, CORE_SERVER_MESSAGES
 from llmgine_ws.schema import SERVER_INITIATED, SERVER_MESSAGES, ProtocolSchema, build_asyncapi, server_message_types
 from llmgine_ws.schemagen import main as schemagen
 from llmgine_ws.typescript import render_dts
@@ -132,12 +131,14 @@ def refs(node: Any) -> Iterator[str]:
 
 def test_every_core_message_type_is_described(core_schema: dict[str, Any]) -> None:
     index = core_schema["x-llmgine"]
-    assert set(index["client_messages"]) == CORE_CLIENT_TYPES == {spec.message_type for spec in core_handlers()}
-    assert set(index["server_messages"]) == CORE_SERVER_TYPES == set(SERVER_MESSAGES)
+    served = set(get_runtime(create_app(APIConfig())).dispatcher.specs)  # the registry joined with the handlers
+    assert set(index["client_messages"]) == set(CORE_CLIENT_MESSAGES) == served
+    assert set(index["server_messages"]) == set(CORE_SERVER_MESSAGES) == set(SERVER_MESSAGES)
+    core_client_types, core_server_types = set(CORE_CLIENT_MESSAGES), set(CORE_SERVER_MESSAGES)
     assert {t for t, e in index["server_messages"].items() if e["server_initiated"]} == SERVER_INITIATED
     defs = core_schema["$defs"]
-    assert set(defs["ClientMessage"]["discriminator"]["mapping"]) == CORE_CLIENT_TYPES
-    assert set(defs["ServerMessage"]["discriminator"]["mapping"]) == CORE_SERVER_TYPES
+    assert set(defs["ClientMessage"]["discriminator"]["mapping"]) == core_client_types
+    assert set(defs["ServerMessage"]["discriminator"]["mapping"]) == core_server_types
     for ref in refs(core_schema):
         resolve(core_schema, ref)  # every reference resolves
     assert index["client_messages"]["engine_command"]["streams"] == ["engine_event"]
@@ -195,8 +196,8 @@ def test_colliding_struct_names_stay_apart() -> None:
     ping = resolve(schema, schema["x-llmgine"]["client_messages"]["ping"]["$ref"])
     assert resolve(schema, shout["properties"]["data"]["$ref"])["properties"] == {"loud": {"type": "boolean"}}
     assert "timestamp" in resolve(schema, ping["properties"]["data"]["$ref"])["properties"]
-    assert sorted(name for name in defs if name.split(".")[-1] == "PingData") == ["llmgine_ws.protocol.PingData",
-                                                                          "user.module.PingData"]
+    assert sorted(name for name in defs if name.split(".")[-1] == "PingData") == [
+        "llmgine_ws.protocol.messages.PingData", "user.module.PingData"]
     assert "user_module_PingData" in render_dts(schema, client_api=False)
 
 

@@ -23,15 +23,8 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-class FakeWebSocket:
-    client = None
-
-    def __init__(self) -> None:
-        self.scope: dict[str, Any] = {}
-
-
 def make_connection(app_id: str, *, queue_size: int = 4, send_grace: float = 0.05) -> Connection:
-    return Connection(app_id, FakeWebSocket(), queue_size=queue_size, send_grace=send_grace)  # type: ignore[arg-type]
+    return Connection(app_id, queue_size=queue_size, send_grace=send_grace)
 
 
 async def test_session_store_limit_ownership_and_expiry() -> None:
@@ -250,3 +243,22 @@ async def test_send_soon_keeps_order_behind_a_backlog() -> None:
         await anyio.wait_all_tasks_blocked()  # the drain task has finished with the backlog
         assert connection.send_nowait("after")
     assert received == frames
+
+
+def test_the_blocking_messaging_api_mirrors_the_async_one() -> None:
+    """Every public method of MessagingAPI has a blocking twin with the same parameters and result."""
+    import inspect
+    import typing
+
+    from llmgine_ws import BlockingMessagingAPI, MessagingAPI
+
+    def public(cls: type) -> dict[str, Any]:
+        return {name: member for name, member in vars(cls).items()
+                if not name.startswith("_") and callable(member) and name != "blocking"}
+
+    asynchronous, blocking = public(MessagingAPI), public(BlockingMessagingAPI)
+    assert asynchronous.keys() == blocking.keys()
+    for name, method in asynchronous.items():
+        twin = blocking[name]
+        assert list(inspect.signature(method).parameters) == list(inspect.signature(twin).parameters), name
+        assert typing.get_type_hints(method) == typing.get_type_hints(twin), name

@@ -1,4 +1,4 @@
-"""The cluster router: the :class:`~llmgine_ws.routing.Router` of a node that shares a backplane.
+"""The cluster router: the :class:`~llmgine_ws.routing.MessageRouter` of a node that shares a backplane.
 
 Apps connected to this node are served by the node's :class:`~llmgine_ws.routing.LocalRouter`
 exactly as without a cluster; everything else crosses the backplane. The protocol between nodes is
@@ -71,7 +71,7 @@ from ..errors import (
     ServerShuttingDown,
 )
 from ..hub import Hub
-from ..routing import AppPresence, LocalRouter, NodePresence, Router, default_node_name
+from ..routing import AppPresence, LocalRouter, MessageRouter, NodePresence, default_node_name
 from ..sessions import Session, SessionStore
 from . import Backplane, backplane_from_url
 
@@ -326,7 +326,7 @@ _Outgoing = tuple[str, bytes, anyio.Event | None]
 
 
 class ClusterRouter:
-    """A :class:`~llmgine_ws.routing.Router` over a :class:`~llmgine_ws.backplane.Backplane`.
+    """A :class:`~llmgine_ws.routing.MessageRouter` over a :class:`~llmgine_ws.backplane.Backplane`.
 
     Built by the runtime when a backplane is configured; run by the app's lifespan (:meth:`run`).
     Falls back to the local router for apps connected to this node.
@@ -400,7 +400,7 @@ class ClusterRouter:
         return self._running and self._up and self._echoed and self.backplane.connected
 
     def health_problems(self) -> list[str]:
-        """See :meth:`~llmgine_ws.routing.Router.health_problems`."""
+        """See :meth:`~llmgine_ws.routing.MessageRouter.health_problems`."""
         where = f"{self.backplane.kind} backplane {self.backplane.describe()}"
         if not self._running:
             return [f"{where}: router not running"]
@@ -925,7 +925,7 @@ class ClusterRouter:
         Ack: _on_ack,
     }
 
-    # ------------------------------------------------------------------ Router: delivery
+    # ------------------------------------------------------------------ MessageRouter: delivery
 
     def _remote_node(self, app_id: str) -> _RemoteNode:
         """The node serving ``app_id`` (not this one); raises if it cannot be reached."""
@@ -946,7 +946,7 @@ class ClusterRouter:
         await self._publish(node.node_id, Deliver(node=self._node_id, app_id=app_id, frame=frame))
 
     async def request(self, app_id: str, message_id: str, frame: str, timeout: float) -> dict[str, Any]:
-        """See :meth:`~llmgine_ws.routing.Router.request`; the answer is routed back to this node."""
+        """See :meth:`~llmgine_ws.routing.MessageRouter.request`; the answer is routed back to this node."""
         if app_id in self._hub:
             return await self._local.request(app_id, message_id, frame, timeout)
         node = self._remote_node(app_id)
@@ -1066,7 +1066,7 @@ class ClusterRouter:
             return False
         return await self._group_op(node, app_id, group, False) > 0
 
-    # ------------------------------------------------------------------ Router: presence
+    # ------------------------------------------------------------------ MessageRouter: presence
 
     def connected_apps(self) -> list[str]:
         """Every app connected anywhere in the cluster (as this node knows it)."""
@@ -1121,7 +1121,8 @@ class ClusterRouter:
         ]
 
 
-def build_router(config: APIConfig, hub: Hub, sessions: SessionStore, backplane: Backplane | None = None) -> Router:
+def build_router(config: APIConfig, hub: Hub, sessions: SessionStore,
+                 backplane: Backplane | None = None) -> MessageRouter:
     """The router an app's configuration asks for: local, or a cluster router over a backplane.
 
     ``backplane`` (an object) wins over ``config.backplane`` (a URL); ``memory`` with no object means

@@ -64,7 +64,7 @@ export interface ConnectedMessage {
   server_initiated: true;
 }
 
-/** `create_engine`. */
+/** `create_engine`. `config` comes from the client: the engine factory must treat it as untrusted. */
 export interface CreateEngineData {
   session_id: string;
   engine_type: string;
@@ -92,7 +92,10 @@ export interface CreateEngineResMessage {
   data: CreateEngineResData;
 }
 
-/** `create_session`: `app_id` is optional; when given it must be the connection's own. */
+/**
+ * `create_session`. `app_id` is accepted for compatibility with seed-era clients and ignored:
+ * a session always belongs to the connection that creates it.
+ */
 export interface CreateSessionData {
   app_id?: string | null;
 }
@@ -377,7 +380,7 @@ export interface UserInputResponse {
 export type ClientMessage = PingMessage | CreateSessionMessage | StatusMessage | CloseSessionMessage | ServerResponseMessage | ServerPongMessage | CancelMessage | CreateEngineMessage | EngineCommandMessage | DeleteEngineMessage;
 
 /** Any message the server sends. */
-export type ServerMessage = ConnectedMessage | PingResMessage | CreateSessionResMessage | StatusResMessage | CloseSessionResMessage | ErrorMessage | ServerPingMessage | ServerRequestMessage | NotificationMessage | ServerRequestCancelledMessage | CreateEngineResMessage | EngineEventMessage | EngineCommandResMessage | CancelResMessage | DeleteEngineResMessage;
+export type ServerMessage = ConnectedMessage | PingResMessage | CreateSessionResMessage | StatusResMessage | CloseSessionResMessage | ErrorMessage | ServerPingMessage | ServerRequestMessage | ServerRequestCancelledMessage | NotificationMessage | CreateEngineResMessage | EngineEventMessage | EngineCommandResMessage | CancelResMessage | DeleteEngineResMessage;
 
 /** The payload (`data`) of each client message, by `type`. */
 export interface ClientMessageData {
@@ -403,8 +406,8 @@ export interface ServerMessageData {
   error: ErrorData;
   server_ping: ServerPingData;
   server_request: ServerRequestData;
-  notification: NotificationData;
   server_request_cancelled: ServerRequestCancelledData;
+  notification: NotificationData;
   create_engine_res: CreateEngineResData;
   engine_event: EngineEventData;
   engine_command_res: EngineCommandResData;
@@ -427,7 +430,7 @@ export interface ResponseTypes {
 }
 
 /** Server message types that carry `server_initiated: true`. */
-export type ServerInitiatedType = "connected" | "server_ping" | "server_request" | "notification" | "server_request_cancelled" | "engine_event";
+export type ServerInitiatedType = "connected" | "server_ping" | "server_request" | "server_request_cancelled" | "notification" | "engine_event";
 
 /** The core server requests (`server_request` by `request_type`) and the answers they expect. */
 export interface ServerRequests {

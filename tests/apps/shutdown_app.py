@@ -6,13 +6,13 @@ from typing import Any
 
 import anyio
 
-from llmgine_ws import APIConfig, EngineContext, Extensions, HandlerContext, Session, create_app, get_runtime
+from llmgine_ws import APIConfig, EngineContext, Extensions, HandlerContext, Session, create_app
 
 
 async def work(data: dict[str, Any], ctx: HandlerContext) -> dict[str, Any]:
     """Runs until shutdown starts, then asks its client whether to finish, then finishes."""
     await ctx.send("notification", {"notification_type": "working", "message": "started"})
-    await get_runtime(ctx.app).stopping.wait()
+    await ctx.stopping.wait()
     answer = await ctx.ask(data={"request_type": "finish"}, timeout=30)
     return {"done": True, "answer": answer.data.get("value")}
 

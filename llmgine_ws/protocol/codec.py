@@ -1,32 +1,23 @@
-"""The wire format: every message the client sends or the server emits, as msgspec structs.
+"""Frames in and out: one decoder per app over every registered message, one encoder for every frame.
 
 Client messages are ``{"type", "message_id", "data"}``. Each registered message type gets an
 envelope struct (a subclass of :class:`ClientMessage` tagged with its ``type``) whose ``data`` field
 is the payload struct the handler receives; all envelopes together form one tagged union, decoded
 in a single pass by :class:`MessageDecoder`. Server messages are :class:`Outbound` envelopes whose
-``data`` is a payload struct (or a mapping), encoded once per frame.
+``data`` is a payload struct (or a mapping), encoded once per frame by :class:`FrameEncoder`.
 """
 
 from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Mapping
 from datetime import UTC, datetime
-from types import MappingProxyType
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, cast
+from typing import Any, Protocol, Union, cast
 
 import msgspec
 
-from .errors import ErrorCode, ProtocolError
-
-if TYPE_CHECKING:
-    from .metrics import Metrics
-
-MAX_MESSAGE_ID_LENGTH = 128
-
-MessageId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_MESSAGE_ID_LENGTH)]
-"""A request id chosen by its sender: 1 to 128 characters; a UUID4 is conventional."""
+from ..errors import ErrorCode, ProtocolError
+from .messages import MAX_MESSAGE_ID_LENGTH, ErrorData, MessageId
 
 
 def new_message_id() -> str:
@@ -39,11 +30,6 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-# --------------------------------------------------------------------------------------------
-# Client → server
-# --------------------------------------------------------------------------------------------
-
-
 class ClientMessage(msgspec.Struct, tag_field="type", kw_only=True, frozen=True):
     """Base of every client message envelope: ``{"type": <tag>, "message_id", "data"}``.
 
@@ -51,28 +37,6 @@ class ClientMessage(msgspec.Struct, tag_field="type", kw_only=True, frozen=True)
     """
 
     message_id: MessageId
-
-
-class PingData(msgspec.Struct, frozen=True):
-    """``ping``: the timestamp is echoed back untouched."""
-
-    timestamp: str | int | float | None = None
-
-
-class CreateSessionData(msgspec.Struct, frozen=True):
-    """``create_session``: ``app_id`` is optional; when given it must be the connection's own."""
-
-    app_id: str | None = None
-
-
-class SessionRef(msgspec.Struct, frozen=True):
-    """Payload of every message that names one session (``status``, ``close_session``, ...)."""
-
-    session_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-
-
-ServerResponseData = dict[str, Any]
-"""``server_response`` / ``server_pong`` payloads are free-form objects (``response_type`` + fields)."""
 
 
 def envelope_for(message_type: str, data_type: Any) -> type[ClientMessage]:
@@ -91,7 +55,7 @@ def envelope_for(message_type: str, data_type: Any) -> type[ClientMessage]:
         tag=message_type,
         kw_only=True,
         frozen=True,
-        module=__name__,
+        module="llmgine_ws.protocol",
     )
     return cast(type[ClientMessage], envelope)
 
@@ -109,11 +73,6 @@ def _default_factory(data_type: Any) -> Any:
     return None
 
 
-# --------------------------------------------------------------------------------------------
-# Server → client
-# --------------------------------------------------------------------------------------------
-
-
 class Outbound(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Every frame the server writes: ``{"type", "message_id", "data", "server_initiated"?}``.
 
@@ -125,95 +84,6 @@ class Outbound(msgspec.Struct, kw_only=True, omit_defaults=True):
     message_id: str
     data: Any
     server_initiated: bool = False
-
-
-class ConnectedData(msgspec.Struct, frozen=True):
-    """``connected``: the id the server assigned to this connection."""
-
-    app_id: str
-    status: Literal["connected"] = "connected"
-
-
-class PingResData(msgspec.Struct, frozen=True):
-    """``ping_res``."""
-
-    timestamp: str | int | float | None
-
-
-class CreateSessionResData(msgspec.Struct, frozen=True):
-    """``create_session_res``."""
-
-    session_id: str
-
-
-class EngineInfo(msgspec.Struct, frozen=True, kw_only=True):
-    """The engine part of ``status_res`` (``null`` when the session has no engine)."""
-
-    engine_id: str
-    engine_type: str
-    status: str
-    last_activity_at: datetime
-
-
-class StatusResData(msgspec.Struct, frozen=True, kw_only=True):
-    """``status_res``."""
-
-    session_id: str
-    status: str
-    created_at: datetime
-    last_interaction_at: datetime
-    engine: EngineInfo | None = None
-
-
-class CloseSessionResData(msgspec.Struct, frozen=True):
-    """``close_session_res``."""
-
-    session_id: str
-    closed: bool = True
-
-
-class ErrorData(msgspec.Struct, frozen=True):
-    """``error``: ``details`` is always present (``null`` when there is nothing more to say)."""
-
-    code: str
-    message: str
-    details: Any = None
-
-
-class ServerPingData(msgspec.Struct, frozen=True):
-    """``server_ping``: the client answers with ``server_pong`` echoing ``timestamp``."""
-
-    timestamp: datetime
-
-
-class NotificationData(msgspec.Struct, frozen=True, kw_only=True):
-    """``notification`` as sent by the server's own code (users may send any mapping)."""
-
-    notification_type: str
-    message: str = ""
-    additional_data: dict[str, Any] | None = None
-    session_id: str | None = None
-
-
-class ServerRequestData(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=False):
-    """``server_request``: ``request_type`` plus request-specific fields (any mapping works)."""
-
-    request_type: str
-
-
-class ServerRequestCancelledData(msgspec.Struct, frozen=True, kw_only=True):
-    """``server_request_cancelled``: the server withdrew the ``server_request`` with ``message_id``.
-
-    The client should close that request's dialog and stop its handler; an answer is no longer read.
-    """
-
-    message_id: str
-    reason: Literal["timeout", "cancelled"]
-
-
-# --------------------------------------------------------------------------------------------
-# Decoding
-# --------------------------------------------------------------------------------------------
 
 
 class _LenientEnvelope(msgspec.Struct):
@@ -243,14 +113,6 @@ class MessageDecoder:
     def decode(self, text: str) -> ClientMessage:
         """Decode one frame; raises ``msgspec.DecodeError`` or ``RecursionError`` on bad input."""
         return self._decoder.decode(text)
-
-    def message_id_of(self, text: str) -> str | None:
-        """The frame's message_id when it can be read without trusting anything else in it."""
-        try:
-            value = self._lenient.decode(text).message_id
-        except (msgspec.DecodeError, RecursionError):
-            return None
-        return value if _readable_id(value) else None
 
     def explain(self, text: str | bytes, exc: BaseException) -> tuple[str | None, ProtocolError]:
         """Classify a failed decode: returns (the request's message_id if readable, the error)."""
@@ -306,41 +168,38 @@ def _path_details(error: str) -> dict[str, Any]:
     return {"path": match.group("path") or "$", "reason": match.group("reason")}
 
 
-class FrameEncoder:
-    """Encodes outbound envelopes to text frames (one encoder per app, counting them in its metrics)."""
+class FrameCounter(Protocol):
+    """Told about every frame encoded (the app's metrics, when it has them)."""
 
-    def __init__(self, metrics: Metrics | None = None) -> None:
+    def message_out(self, message_type: str) -> None:
+        """A server message of ``message_type`` was encoded."""
+
+    def error(self, code: str) -> None:
+        """An error envelope with ``code`` was encoded."""
+
+
+class FrameEncoder:
+    """Encodes outbound envelopes to text frames (one encoder per app, counting them if told to)."""
+
+    def __init__(self, counter: FrameCounter | None = None) -> None:
         self._encoder = msgspec.json.Encoder()
-        self._metrics = metrics
+        self._counter = counter
 
     def frame(self, message_type: str, message_id: str, data: Any, *, server_initiated: bool = False) -> str:
         """Encode one message to the text of a WebSocket frame."""
         envelope = Outbound(type=message_type, message_id=message_id, data=data, server_initiated=server_initiated)
         text = self._encoder.encode(envelope).decode()
-        if self._metrics is not None:
-            self._metrics.message_out(message_type)
+        if self._counter is not None:
+            self._counter.message_out(message_type)
         return text
+
+    def event(self, message_type: str, data: Any) -> str:
+        """Encode a server-initiated message with a fresh message_id."""
+        return self.frame(message_type, new_message_id(), data, server_initiated=True)
 
     def error(self, message_id: str | None, error: ProtocolError) -> str:
         """Encode an ``error`` envelope (a fresh message_id when the request's was unreadable)."""
         data = ErrorData(code=error.code, message=error.message, details=error.details)
-        if self._metrics is not None:
-            self._metrics.error(error.code)
+        if self._counter is not None:
+            self._counter.error(error.code)
         return self.frame("error", message_id or new_message_id(), data)
-
-
-CORE_SERVER_MESSAGES: Mapping[str, Any] = MappingProxyType(
-    {
-        "connected": ConnectedData,
-        "ping_res": PingResData,
-        "create_session_res": CreateSessionResData,
-        "status_res": StatusResData,
-        "close_session_res": CloseSessionResData,
-        "error": ErrorData,
-        "server_ping": ServerPingData,
-        "server_request": ServerRequestData,
-        "notification": NotificationData,
-        "server_request_cancelled": ServerRequestCancelledData,
-    }
-)
-"""Payload type of every message the core server sends, by ``type`` (used by the schema)."""
