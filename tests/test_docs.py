@@ -34,7 +34,7 @@ import pytest
 
 from llmgine_ws import APIConfig, ErrorCode, create_app
 from llmgine_ws.config import env_variable
-from llmgine_ws.extensions import CORE_CLIENT_TYPES, CORE_SERVER_TYPES
+from llmgine_ws.protocol import RESERVED_MESSAGE_TYPES
 from llmgine_ws.schema import server_message_types
 
 from .support import LiveServer, serve
@@ -182,7 +182,7 @@ def test_the_fence_parser_sees_every_block() -> None:
 def test_every_message_type_is_in_the_protocol_page() -> None:
     protocol = (DOCS / "protocol.md").read_text()
     runtime = create_app(APIConfig()).state.llmgine
-    types = (set(CORE_CLIENT_TYPES) | set(CORE_SERVER_TYPES) | set(runtime.dispatcher.specs)
+    types = (set(RESERVED_MESSAGE_TYPES) | set(runtime.dispatcher.specs)
              | set(server_message_types(runtime.dispatcher.specs.values())))
     missing = sorted(t for t in types if f"`{t}`" not in protocol)
     assert not missing, f"message types missing from docs/protocol.md: {missing}"
