@@ -397,6 +397,10 @@ def controls() -> st.SearchStrategy[Frame]:
         st.just(None).map(lambda _: Frame(msgspec.json.encode({
             "type": "status", "message_id": str(uuid.uuid4()), "data": {"session_id": CONTROL_SESSION}}).decode(),
             "status", "status_res")),
+        st.sampled_from(["close_session", "status", "delete_engine"]).map(lambda message_type: Frame(
+            msgspec.json.encode({"type": message_type, "message_id": str(uuid.uuid4()),
+                                 "data": {"session_id": str(uuid.uuid4())}}).decode(),
+            "unknown_session", "error", {"code": "SESSION_NOT_FOUND"})),
     )
 
 
@@ -568,6 +572,8 @@ class Rig:
             expected = frame.expect_data
             if frame.kind == "engine_command":
                 expected = {**expected, "session_id": self.control_session}
+            if frame.kind == "unknown_session":
+                return None if reply.data["code"] == "SESSION_NOT_FOUND" else f"not SESSION_NOT_FOUND: {reply.data}"
             if frame.kind == "status":
                 if reply.data["session_id"] != self.control_session or reply.data["engine"]["engine_type"] != "echo":
                     return f"wrong status {reply.data}"
@@ -647,7 +653,7 @@ def test_fuzz_reaches_every_decoding_path(rig: Rig) -> None:
     before it) must see every answer below."""
     before = Counter(rig.codes)
 
-    @settings(FUZZ, derandomize=True, database=None, max_examples=80)
+    @settings(FUZZ, derandomize=True, database=None, max_examples=150)
     @given(batches())
     def play(frames: list[Frame]) -> None:
         rig.run(frames)
