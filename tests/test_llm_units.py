@@ -216,7 +216,7 @@ def test_the_engine_under_trio() -> None:
     @tools.register(needs_approval=True)
     async def get_weather(city: str) -> str:
         calls.append(city)
-        await trio.sleep(0)  # really trio
+        await trio.lowlevel.checkpoint()  # really trio
         return f"sunny in {city}"
 
     provider = OpenAIServer(
