@@ -12,7 +12,7 @@ import pytest
 
 from llmgine_ws.llm import ChatMessage, History, LLMConfig, LLMEngineFactory, LLMError, ToolCall, Tools, estimate_tokens
 from llmgine_ws.llm.config import apply_client_config, check_client_fields
-from llmgine_ws.llm.openai_provider import retry_after_seconds
+from llmgine_ws.llm.errors import retry_after_seconds
 from llmgine_ws.llm.tools import InvalidArguments, Tool
 
 from .openai_server import OpenAIServer, error, serve_in_thread, text, tool_calls

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import ClientOverrides, LLMConfig
 from .engine import LLMCommand, LLMEngine, LLMEngineFactory, ProviderFactory
-from .errors import LLMError, LLMErrorCode
+from .errors import LLMError, LLMErrorCode, retry_after_seconds, status_error
 from .history import History, estimate_tokens
 from .messages import (
     ChatMessage,
@@ -67,6 +67,8 @@ __all__ = [
     "Tools",
     "Usage",
     "estimate_tokens",
+    "retry_after_seconds",
+    "status_error",
 ]
 
 

@@ -8,6 +8,8 @@ message of our own, and log the status and error type server-side.
 from __future__ import annotations
 
 import enum
+import math
+from collections.abc import Mapping
 from typing import Any
 
 from ..errors import ProtocolError
@@ -63,3 +65,47 @@ class LLMError(ProtocolError):
         self.retryable = retryable
         self.retry_after = retry_after
         self.status = status
+
+
+_CONTEXT_LENGTH_HINTS = ("context_length", "context length", "maximum context", "too many tokens", "prompt is too long")
+
+
+def status_error(status: int, *, headers: Mapping[str, str] | None = None, hint: str = "") -> LLMError:
+    """The client-safe error for a provider's HTTP error ``status``: for any provider adapter.
+
+    ``headers`` give ``retry-after``; ``hint`` is the provider's error code/type/message, only
+    searched for known markers (quota, context length) and never shown.
+    """
+    hint = hint.lower()
+    if status in (401, 403):
+        return LLMError(LLMErrorCode.AUTH_FAILED, "the model provider refused this server's credentials", status=status)
+    if status == 429:
+        if "insufficient_quota" in hint:
+            return LLMError(LLMErrorCode.QUOTA_EXCEEDED, "the model provider account is out of quota", status=status)
+        retry_after = retry_after_seconds(headers or {})
+        wait = "" if retry_after is None else f"; retry after {retry_after:g} s"
+        return LLMError(LLMErrorCode.RATE_LIMITED, f"the model provider is rate limiting requests{wait}",
+                        retryable=True, retry_after=retry_after, status=status)
+    if status >= 500:
+        return LLMError(LLMErrorCode.PROVIDER_ERROR, f"the model provider failed (HTTP {status})", retryable=True,
+                        status=status)
+    if status in (400, 413, 422) and any(marker in hint for marker in _CONTEXT_LENGTH_HINTS):
+        return LLMError(LLMErrorCode.CONTEXT_LENGTH_EXCEEDED,
+                        "the conversation is too long for the model's context window", status=status)
+    return LLMError(LLMErrorCode.BAD_REQUEST, f"the model provider refused the request (HTTP {status})",
+                    status=status)
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """``retry-after-ms`` or ``retry-after`` (seconds) from a response's headers, if given as a number."""
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            seconds = float(value) * scale
+        except ValueError:
+            continue  # an HTTP date: rare from LLM providers; the engine's own backoff applies
+        if math.isfinite(seconds) and seconds >= 0:
+            return seconds
+    return None

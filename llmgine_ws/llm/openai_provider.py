@@ -8,7 +8,6 @@ OpenRouter... — anything that speaks ``POST /chat/completions`` with ``stream:
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,7 +15,7 @@ import anyio
 import openai
 
 from .config import LLMConfig
-from .errors import LLMError, LLMErrorCode
+from .errors import LLMError, LLMErrorCode, status_error
 from .messages import ChatMessage, ChatRequest, StreamEnd, StreamItem, TextDelta, ToolCallDelta, Usage
 
 logger = logging.getLogger("llmgine_ws.llm")
@@ -25,8 +24,6 @@ KEYLESS = "unused"
 """Sent as the API key to servers that need none (the SDK refuses to start without one)."""
 CLOSE_TIMEOUT = 2.0
 """Seconds allowed to close an abandoned response (closing the socket is what stops the provider)."""
-
-_CONTEXT_LENGTH_HINTS = ("context_length", "context length", "maximum context", "too many tokens", "prompt is too long")
 
 
 class OpenAIChatProvider:
@@ -136,36 +133,5 @@ def _map_error(exc: openai.APIError, *, streaming: bool) -> LLMError:
         return LLMError(LLMErrorCode.UNAVAILABLE, "the model provider could not be reached", retryable=True)
     if not isinstance(exc, openai.APIStatusError):  # an error event inside the stream
         return LLMError(LLMErrorCode.PROVIDER_ERROR, "the model provider reported an error during the reply")
-    if status in (401, 403):
-        return LLMError(LLMErrorCode.AUTH_FAILED, "the model provider refused this server's credentials", status=status)
-    if status == 429:
-        if exc.code == "insufficient_quota" or exc.type == "insufficient_quota":
-            return LLMError(LLMErrorCode.QUOTA_EXCEEDED, "the model provider account is out of quota", status=status)
-        retry_after = retry_after_seconds(exc.response.headers)
-        wait = "" if retry_after is None else f"; retry after {retry_after:g} s"
-        return LLMError(LLMErrorCode.RATE_LIMITED, f"the model provider is rate limiting requests{wait}",
-                        retryable=True, retry_after=retry_after, status=status)
-    if status is not None and status >= 500:
-        return LLMError(LLMErrorCode.PROVIDER_ERROR, f"the model provider failed (HTTP {status})", retryable=True,
-                        status=status)
-    text = f"{exc.code or ''} {exc.type or ''} {exc.message}".lower()
-    if status in (400, 413, 422) and any(hint in text for hint in _CONTEXT_LENGTH_HINTS):
-        return LLMError(LLMErrorCode.CONTEXT_LENGTH_EXCEEDED,
-                        "the conversation is too long for the model's context window", status=status)
-    return LLMError(LLMErrorCode.BAD_REQUEST, f"the model provider refused the request (HTTP {status})",
-                    status=status)
-
-
-def retry_after_seconds(headers: Any) -> float | None:
-    """``retry-after-ms`` or ``retry-after`` (seconds) from a response's headers, if given as a number."""
-    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value is None:
-            continue
-        try:
-            seconds = float(value) * scale
-        except ValueError:
-            continue  # an HTTP date: rare from LLM providers; fall back to our own backoff
-        if math.isfinite(seconds) and seconds >= 0:
-            return seconds
-    return None
+    return status_error(exc.status_code, headers=exc.response.headers,
+                        hint=f"{exc.code or ''} {exc.type or ''} {exc.message}")
