@@ -47,7 +47,10 @@ class LLMConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_tool_result_chars: PositiveInt = 16_000
     """A tool's result is cut to this before it goes back to the model (and to the client's event)."""
     approval_timeout: Seconds | None = None
-    """Seconds the user has to approve a tool call; no answer counts as declined. ``None``: no limit."""
+    """Seconds the user has to approve a tool call; no answer counts as declined.
+
+    ``None``: the server's ``server_request_timeout`` (``LLMGINE_API_SERVER_REQUEST_TIMEOUT``, 30 s by default).
+    """
     first_chunk_timeout: Seconds = 60.0
     """Seconds from sending the request to the first streamed chunk."""
     stall_timeout: Seconds = 30.0
