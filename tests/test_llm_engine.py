@@ -385,3 +385,42 @@ async def test_malformed_commands_fail_clearly() -> None:
             assert response.data["status"] == "failed"
             assert response.data["error"] == 'INVALID_COMMAND: the command must be {"text": "<your message>"}'
     assert provider.requests == []
+
+
+async def test_an_unanswered_approval_declines_the_tool_and_withdraws_the_question() -> None:
+    calls: list[dict[str, Any]] = []
+    withdrawn = anyio.Event()
+    script = [tool_calls(("call_1", "get_weather", {"city": "Rome"})), text("Never mind.")]
+    async with fake_provider(*script) as provider, \
+            llm_server(provider, tools=weather_tools(calls), approval_timeout=0.3) as server, \
+            connect(server.ws_url) as client:
+
+        @client.on_server_request("user_confirmation")
+        async def never_answer(message: Message) -> dict[str, Any]:
+            try:
+                await anyio.sleep_forever()
+            finally:
+                withdrawn.set()  # the client cancels the handler when the server withdraws the request
+            return {}
+
+        chat = Chat(client)
+        await chat.start()
+        result, _ = await chat.say("Weather in Rome?")
+        with anyio.fail_after(5):
+            await withdrawn.wait()
+    assert result["result"]["reply"] == "Never mind."
+    assert calls == []
+    assert "declined" in provider.requests[1]["messages"][-1]["content"]
+
+
+async def test_an_unreachable_provider_is_retried_then_reported(caplog: pytest.LogCaptureFixture) -> None:
+    async with fake_provider() as provider:
+        provider.base_url = "http://127.0.0.1:9/v1"  # nothing listens on the discard port
+        async with llm_server(provider, max_retries=1) as server, connect(server.ws_url) as client:
+            chat = Chat(client)
+            await chat.start()
+            result, _ = await chat.say("hi")
+    assert result["status"] == "failed"
+    assert result["error"] == "LLM_UNAVAILABLE: the model provider could not be reached"
+    retries = [r.getMessage() for r in caplog.records if r.name == "llmgine_ws.llm" and "retry" in r.getMessage()]
+    assert len(retries) == 1 and "LLM_UNAVAILABLE; retry 1/1" in retries[0]

@@ -239,12 +239,12 @@ class LLMEngine:
         return content
 
     async def _approved(self, tool: Tool, arguments: Any, ctx: EngineContext) -> bool:
-        """Ask the user; anything but ``yes`` (an error answer, no answer in time) declines."""
+        """Ask the user; anything but ``yes`` (an error answer, an option not offered, no answer in time) declines."""
         shown = msgspec.json.encode(arguments).decode()
         try:
             choice = await ctx.confirm(f"Allow the tool {tool.name} to run with {shown}?", ["yes", "no"],
                                        timeout=self.config.approval_timeout, tool=tool.name, arguments=arguments)
-        except (TimeoutError, ServerRequestFailed) as exc:
+        except (TimeoutError, ServerRequestFailed, ValueError) as exc:
             logger.info("tool %s not approved: %s", tool.name, type(exc).__name__,
                         extra={"session_id": self.session_id})
             return False

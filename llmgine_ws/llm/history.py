@@ -40,20 +40,20 @@ class History:
         return [message for turn in self._turns for message in turn]
 
     def context(self, current: Sequence[ChatMessage]) -> list[ChatMessage]:
-        """The history to send before ``current`` (the turn in progress): the newest turns that fit.
+        """The history to send with ``current`` (the system prompt and the turn in progress): the
+        newest turns that fit ``max_messages`` and, together with ``current``, ``max_tokens``.
 
         ``current`` itself always goes out whole, even alone over the token bound: the provider
         then answers with a context-length error rather than the engine cutting the user's text.
         """
-        budget_messages = None if self.max_messages is None else self.max_messages
-        budget_tokens = None if self.max_tokens is None else self.max_tokens - sum(map(estimate_tokens, current))
+        token_budget = None if self.max_tokens is None else self.max_tokens - sum(map(estimate_tokens, current))
         kept: list[tuple[ChatMessage, ...]] = []
         messages = tokens = 0
         for turn in reversed(self._turns):
             messages += len(turn)
             tokens += sum(map(estimate_tokens, turn))
-            if (budget_messages is not None and messages > budget_messages) or (
-                    budget_tokens is not None and tokens > budget_tokens):
+            if (self.max_messages is not None and messages > self.max_messages) or (
+                    token_budget is not None and tokens > token_budget):
                 break
             kept.append(turn)
         return [message for turn in reversed(kept) for message in turn]
