@@ -64,19 +64,21 @@ async def test_history_is_kept_per_session_and_bounded_in_messages() -> None:
 
 
 async def test_history_bounded_in_estimated_tokens() -> None:
-    # ~100 characters a message (≈25 tokens + 4 overhead): a 70-token budget fits the new question
-    # and one earlier exchange, never two.
+    # 100 characters a message ≈ 25 tokens + 4 overhead = 29: with a 100-token budget the new
+    # question (29) leaves 71, room for one earlier exchange (58) but never two.
     long = "x" * 100
     async with fake_provider(*[text(long) for _ in range(3)]) as provider, \
-            llm_server(provider, history_max_tokens=70, history_max_messages=None) as server, \
+            llm_server(provider, history_max_tokens=100, history_max_messages=None) as server, \
             connect(server.ws_url) as client:
         chat = Chat(client)
         await chat.start()
         for n in range(3):
             await chat.say(f"{n}{long[1:]}")
-    assert [len(request["messages"]) for request in provider.requests] == [1, 1, 1]
+    assert [len(request["messages"]) for request in provider.requests] == [1, 3, 3]
+    assert [m["content"][0] for m in provider.requests[2]["messages"]] == ["1", "x", "2"]
+    # Short messages all fit.
     async with fake_provider(*[text("ok") for _ in range(3)]) as provider, \
-            llm_server(provider, history_max_tokens=70, history_max_messages=None) as server, \
+            llm_server(provider, history_max_tokens=100, history_max_messages=None) as server, \
             connect(server.ws_url) as client:
         chat = Chat(client)
         await chat.start()
@@ -123,7 +125,7 @@ async def test_tool_call_needing_approval(answer: str) -> None:
     assert question["tool"] == "get_weather"
     assert question["arguments"] == {"city": "Paris"}
     assert "get_weather" in question["message"] and "Paris" in question["message"]
-    assert question["command_id"] == result["session_id"] or question["session_id"] == result["session_id"]
+    assert question["session_id"] == result["session_id"]
     first, second = provider.requests
     assert first["tools"] == [{"type": "function", "function": {
         "name": "get_weather", "description": "The current weather in a city.",
