@@ -426,3 +426,14 @@ async def test_an_unreachable_provider_is_retried_then_reported(caplog: pytest.L
     assert result["error"] == "LLM_UNAVAILABLE: the model provider could not be reached"
     retries = [r.getMessage() for r in caplog.records if r.name == "llmgine_ws.llm" and "retry" in r.getMessage()]
     assert len(retries) == 1 and "LLM_UNAVAILABLE; retry 1/1" in retries[0]
+
+
+@pytest.mark.parametrize("reply", [text("0123456", "789abc"), tool_calls(("c1", "t", {"long": "x" * 40}))])
+async def test_a_reply_over_max_reply_chars_fails(reply: Any) -> None:
+    async with fake_provider(reply) as provider, llm_server(provider, max_reply_chars=10) as server, \
+            connect(server.ws_url) as client:
+        chat = Chat(client)
+        await chat.start()
+        result, _ = await chat.say("hi")
+    assert result["status"] == "failed"
+    assert result["error"] == "LLM_REPLY_TOO_LONG: the model's reply (text and tool calls) exceeded 10 characters"

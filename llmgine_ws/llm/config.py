@@ -43,7 +43,7 @@ class LLMConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_tool_rounds: NonNegativeInt = 5
     """Tool rounds per command; after that the model is asked to answer without tools."""
     max_reply_chars: PositiveInt = 200_000
-    """Bound on the text and on each tool call's arguments the engine buffers for one model call."""
+    """Bound on what the engine buffers from one model call: its text plus its tool calls' arguments."""
     max_tool_result_chars: PositiveInt = 16_000
     """A tool's result is cut to this before it goes back to the model (and to the client's event)."""
     approval_timeout: Seconds | None = None

@@ -45,13 +45,12 @@ class LLMCommand(msgspec.Struct, frozen=True):
 
 
 class _PartialToolCall:
-    __slots__ = ("arguments", "id", "name", "size")
+    __slots__ = ("arguments", "id", "name")
 
     def __init__(self) -> None:
         self.id: str | None = None
         self.name: str | None = None
         self.arguments: list[str] = []
-        self.size = 0
 
 
 class _ModelReply:
@@ -60,6 +59,7 @@ class _ModelReply:
     def __init__(self) -> None:
         self.text: list[str] = []
         self.size = 0
+        """Characters buffered: the text plus every tool call's arguments (bounded by ``max_reply_chars``)."""
         self.tool_calls: dict[int, _PartialToolCall] = {}
         self.end: StreamEnd | None = None
 
@@ -184,12 +184,12 @@ class LLMEngine:
                     answer.text.append(item.text)
                     await ctx.emit("token", {"text": item.text})
                 elif isinstance(item, ToolCallDelta):
+                    answer.size += 1 + len(item.arguments)  # (+1: a stream of empty deltas is bounded too)
+                    self._check_size(answer.size)
                     call = answer.tool_calls.setdefault(item.index, _PartialToolCall())
                     call.id = call.id or item.id
                     call.name = call.name or item.name
                     if item.arguments:
-                        call.size += len(item.arguments)
-                        self._check_size(call.size)
                         call.arguments.append(item.arguments)
                 elif isinstance(item, StreamEnd):
                     answer.end = item
@@ -205,7 +205,7 @@ class LLMEngine:
     def _check_size(self, size: int) -> None:
         if size > self.config.max_reply_chars:
             raise LLMError(LLMErrorCode.REPLY_TOO_LONG,
-                           f"the model's reply exceeded {self.config.max_reply_chars} characters")
+                           f"the model's reply (text and tool calls) exceeded {self.config.max_reply_chars} characters")
 
     # ---------------------------------------------------------------- tools
 

@@ -37,7 +37,7 @@ class LLMErrorCode(enum.StrEnum):
     STREAM_INTERRUPTED = "LLM_STREAM_INTERRUPTED"
     """The reply stream was cut off before the model finished."""
     REPLY_TOO_LONG = "LLM_REPLY_TOO_LONG"
-    """The reply (text or tool arguments) outgrew ``max_reply_chars``."""
+    """One model call's text plus tool-call arguments outgrew ``max_reply_chars``."""
     TOOL_ROUNDS_EXCEEDED = "LLM_TOOL_ROUNDS_EXCEEDED"
     """The model kept calling tools after ``max_tool_rounds`` rounds and an answer was demanded."""
     INVALID_COMMAND = "INVALID_COMMAND"
