@@ -6,6 +6,10 @@ The page (``examples/chat/static/``) uses the browser client the app serves at
 
     python examples/chat/app.py            # http://127.0.0.1:8000/
 
+With ``OPENAI_BASE_URL`` set, the page talks to a real model instead: the ``llm`` engine of
+``examples/llm_chat.py`` (same ``OPENAI_API_KEY`` / ``LLMGINE_LLM_MODEL`` variables) serves the
+page's ``chat`` engine type. Unset, the canned engine answers.
+
 Query parameters of the page: ``?token_delay=0.03`` (seconds between streamed tokens) and
 ``?name=Ada`` (the engine's name) go to ``create_engine``'s config; ``?reconnect_delay=500`` is the
 first reconnect delay in ms.
@@ -17,6 +21,7 @@ import importlib.util
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -34,12 +39,11 @@ HERE = Path(__file__).resolve().parent
 STATIC = HERE / "static"
 
 
-def load_engine_example() -> ModuleType:
-    """``examples/custom_engine_example.py`` as a module (the examples folder is not a package)."""
-    name = "custom_engine_example"
+def load_example(name: str) -> ModuleType:
+    """``examples/<name>.py`` as a module (the examples folder is not a package)."""
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, HERE.parent / "custom_engine_example.py")
+    spec = importlib.util.spec_from_file_location(name, HERE.parent / f"{name}.py")
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -48,9 +52,23 @@ def load_engine_example() -> ModuleType:
     return module
 
 
-def build_demo_app(config: APIConfig | None = None) -> Starlette:
-    """The example app with the chat page in front of it: ``/`` is the page, the rest is the example app."""
-    inner: Any = load_engine_example().build_app(config)
+def load_engine_example() -> ModuleType:
+    """``examples/custom_engine_example.py``: the canned chat engine."""
+    return load_example("custom_engine_example")
+
+
+def build_demo_app(config: APIConfig | None = None, environ: Mapping[str, str] | None = None) -> Starlette:
+    """The example app with the chat page in front of it: ``/`` is the page, the rest is the example app.
+
+    The engine behind the page is a real model when ``OPENAI_BASE_URL`` is set (in ``environ``,
+    default ``os.environ``), else the canned one.
+    """
+    env = os.environ if environ is None else environ
+    inner: Any
+    if env.get("OPENAI_BASE_URL"):
+        inner = load_example("llm_chat").build_app(config, environ=env, engine_types=("chat", "llm"))
+    else:
+        inner = load_engine_example().build_app(config)
 
     async def index(request: Request) -> Response:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
