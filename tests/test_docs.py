@@ -44,7 +44,7 @@ DOCS = ROOT / "docs"
 README = ROOT / "README.md"
 PAGES = [README, *sorted(DOCS.glob("*.md"))]
 DEFAULT_ADDRESS = "127.0.0.1:8000"
-WRITTEN_ELSEWHERE = {"python-client.md", "llm-engines.md"}
+WRITTEN_ELSEWHERE = {"python-client.md"}
 """Pages other branches add: links to them may dangle until those branches are merged (then empty this)."""
 
 FENCE = re.compile(r"^(?P<indent> *)(?P<fence>```+|~~~+)(?P<info>[^\n`]*)\n(?P<body>.*?)^(?P=indent)(?P=fence)[ \t]*$",
