@@ -296,3 +296,16 @@ async def test_remote_request_bookkeeping_ends_every_way_through_one_path() -> N
     requests.shutting_down()
     with pytest.raises(ServerShuttingDown):
         await shutdown.pending.wait()
+
+    # Acknowledgements: counted per node; a node that leaves is not waited for; the caller's set is left alone.
+    nodes = {"n1", "n2"}
+    ack, wait = requests.expect_acks(nodes)
+    requests.acked("n1", ack, 2)
+    requests.acked("n1", ack, 5)  # a duplicate counts once
+    assert nodes == {"n1", "n2"} and not wait.done.is_set()
+    requests.node_gone("n2")
+    assert wait.done.is_set() and (wait.count, wait.expected, wait.failed) == (2, set(), False)
+    requests.acks_done(ack)
+    _, lost_ack = requests.expect_acks(nodes)
+    requests.broker_lost()
+    assert lost_ack.done.is_set() and lost_ack.failed

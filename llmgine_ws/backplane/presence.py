@@ -105,7 +105,7 @@ class PresenceReplica:
         self.seq = 0
         """The number of this node's latest presence change."""
         self.revision = 0
-        """Moves whenever the replica's view of the cluster changes (for waking whoever waits on it)."""
+        """Moves whenever the replica's view of the cluster (this node's apps included) changes."""
         self._local: dict[str, AppRecord] = {}
         self._nodes: dict[str, NodeRecord] = {}
         self._app_nodes: dict[str, NodeRecord] = {}
@@ -176,6 +176,7 @@ class PresenceReplica:
     def _delta(self, op: str, app_id: str, *, session_id: str = "", user_id: str | None = None,
                connected_at: float = 0.0) -> None:
         self.seq += 1
+        self.revision += 1
         if self.connected:
             self._announce(Delta(node=self.node_id, seq=self.seq, op=op, app_id=app_id, session_id=session_id,
                                  user_id=user_id, connected_at=connected_at))

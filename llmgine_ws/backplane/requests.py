@@ -15,7 +15,7 @@ shutting down — each kind ends through one path (:meth:`RemoteRequests.fail_se
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import anyio
@@ -105,8 +105,8 @@ class AckWait:
 
     __slots__ = ("count", "done", "expected", "failed")
 
-    def __init__(self, expected: set[str]) -> None:
-        self.expected = expected
+    def __init__(self, expected: Collection[str]) -> None:
+        self.expected = set(expected)  # a copy: the caller may still be iterating over its own
         self.count = 0
         self.failed = False
         self.done = anyio.Event()
@@ -221,7 +221,7 @@ class RemoteRequests:
 
     # ------------------------------------------------------------------ acknowledgements
 
-    def expect_acks(self, nodes: set[str]) -> tuple[str, AckWait]:
+    def expect_acks(self, nodes: Collection[str]) -> tuple[str, AckWait]:
         """A new acknowledgement id, and what waits for ``nodes`` to use it; :meth:`acks_done` when it ends."""
         ack = uuid.uuid4().hex
         wait = self._acks[ack] = AckWait(nodes)
