@@ -4,7 +4,8 @@ Apps connected to this node are served by the node's :class:`~llmgine_ws.routing
 exactly as without a cluster; everything else crosses the backplane. This module only does the
 I/O and the wiring: the messages are in :mod:`~llmgine_ws.backplane.wire`, the presence state
 machine in :mod:`~llmgine_ws.backplane.presence`, the requests in flight in
-:mod:`~llmgine_ws.backplane.requests`. The protocol (subjects, presence, requests, fan-out,
+:mod:`~llmgine_ws.backplane.requests`, what other nodes ask of this one in
+:mod:`~llmgine_ws.backplane.inbox`. The protocol (subjects, presence, requests, fan-out,
 ordering, broker outage) is described in ``docs/scaling.md`` ("Cluster protocol").
 """
 
@@ -15,7 +16,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Collection
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -23,15 +24,16 @@ import msgspec
 
 from ..config import APIConfig, check_cluster_name, check_heartbeat_interval
 from ..connection import Connection
-from ..errors import AppDisconnected, AppNotConnected, BackplaneUnavailable, MessagingError
+from ..errors import AppNotConnected, BackplaneUnavailable, MessagingError
 from ..hub import Hub
 from ..routing import AppPresence, LocalRouter, NodePresence, Router, default_node_name, local_presence
 from ..sessions import Session, SessionStore
 from . import Backplane, backplane_from_url
+from .inbox import Inbox
 from .presence import AppLeft, NodeJoined, NodeLeft, PresenceReplica
 from .publisher import Publisher
 from .requests import ForwardedRequest, RemoteRequests
-from .wire import Ack, Deliver, Fanout, GroupOp, Hello, NodeMessage, Reply, Request, Withdraw, decode, encode
+from .wire import Deliver, Fanout, GroupOp, Hello, NodeMessage, Reply, Request, Withdraw, decode, encode
 
 logger = logging.getLogger("llmgine_ws.cluster")
 
@@ -72,6 +74,7 @@ class ClusterRouter:
         self._revision = 0
         self._requests = RemoteRequests(self._node_id, backplane.kind, self._answer)
         self._publisher = Publisher(backplane, self._node_id)
+        self._inbox = Inbox(self._node_id, local, self._requests, self._enqueue, grace=heartbeat_interval)
         self._up = False
         self._echoed = False
         self._down_since = time.monotonic()
@@ -137,7 +140,7 @@ class ClusterRouter:
         Returns ``started`` at once: the backplane connects in the background, and the node serves
         its local connections meanwhile (not ready until connected).
         """
-        subjects = [self._presence_subject, self._inbox(self._node_id)]
+        subjects = [self._presence_subject, self._inbox_subject(self._node_id)]
         transport, publisher = anyio.CancelScope(shield=True), anyio.CancelScope(shield=True)
         async with anyio.create_task_group() as tg:
             # The transport and its publisher are shielded from the lifespan's cancellation, so that
@@ -272,18 +275,18 @@ class ClusterRouter:
 
     # ------------------------------------------------------------------ outgoing
 
-    def _inbox(self, node_id: str) -> str:
+    def _inbox_subject(self, node_id: str) -> str:
         return self._inbox_prefix + node_id
 
     def _subject(self, to: str | None) -> str:
-        return self._presence_subject if to is None else self._inbox(to)
+        return self._presence_subject if to is None else self._inbox_subject(to)
 
     def _enqueue(self, node_id: str, message: NodeMessage) -> None:
         """Publish to ``node_id`` from code that cannot wait, in order, from the publisher task."""
-        self._publisher.enqueue(self._inbox(node_id), encode(message))
+        self._publisher.enqueue(self._inbox_subject(node_id), encode(message))
 
     async def _publish(self, node_id: str, message: NodeMessage) -> None:
-        await self.backplane.publish(self._inbox(node_id), encode(message))
+        await self.backplane.publish(self._inbox_subject(node_id), encode(message))
 
     def _answer(self, request: ForwardedRequest, reply: Reply) -> None:
         """Send the outcome of a request held here to the node waiting for it."""
@@ -295,7 +298,7 @@ class ClusterRouter:
                          request.message_id, len(payload), self.backplane.kind, limit)
             payload = encode(Reply(node=self._node_id, message_id=request.message_id, error="too_large",
                                    limit=limit, size=len(payload)))
-        self._publisher.enqueue(self._inbox(request.origin), payload)
+        self._publisher.enqueue(self._inbox_subject(request.origin), payload)
 
     # ------------------------------------------------------------------ incoming
 
@@ -312,79 +315,11 @@ class ClusterRouter:
             return
         try:
             self._presence.receive(message, time.monotonic())
-            handler = self._handlers.get(type(message))
-            if handler is not None:
-                handler(self, message)
-            self._pump()
+            self._inbox.handle(message)
         except Exception:
             logger.exception("cluster node %s: handling %s from %s failed", self._node_id, type(message).__name__,
                              message.node)
-
-    def _on_deliver(self, message: Deliver) -> None:
-        connection = self._hub.get(message.app_id)
-        if connection is None or not connection.send_soon(message.frame):
-            logger.debug("cluster node %s: frame for %s from %s dropped: app not connected here", self._node_id,
-                         message.app_id, message.node)
-
-    def _on_request(self, message: Request) -> None:
-        def reply(error: str, limit: int = 0) -> None:
-            self._enqueue(message.node, Reply(node=self._node_id, message_id=message.message_id, error=error,
-                                              limit=limit))
-
-        connection = self._hub.get(message.app_id)
-        if connection is None:
-            reply("not_connected")
-            return
-        if connection.closing:
-            reply("disconnected")
-            return
-        limit = self._local.max_pending_requests
-        if len(connection.pending) >= limit:
-            reply("pending_limit", limit)
-            return
-        deadline = time.monotonic() + message.timeout + self.heartbeat_interval
-        request = self._requests.hold(connection, message, deadline)
-        if not connection.send_soon(message.frame):
-            request.fail(AppDisconnected(message.app_id, message.message_id))
-
-    def _on_withdraw(self, message: Withdraw) -> None:
-        self._requests.withdrawn(message.node, message.message_id)
-
-    def _on_reply(self, message: Reply) -> None:
-        self._requests.replied(message)
-
-    def _on_fanout(self, message: Fanout) -> None:
-        if message.scope == "all":
-            targets: Collection[Connection] = list(self._hub)
-        elif message.scope == "user":
-            targets = self._hub.user_connections(message.target)
-        else:
-            targets = self._hub.group_connections(message.target)
-        count = self._local.deliver_many(targets, message.frame, set(message.exclude))
-        self._enqueue(message.node, Ack(node=self._node_id, ack=message.ack, count=count))
-
-    def _on_group_op(self, message: GroupOp) -> None:
-        if message.join:
-            joined = self._hub.join_group(message.app_id, message.group)
-            ack = Ack(node=self._node_id, ack=message.ack, count=1, error=None if joined else "not_connected")
-        else:
-            left = self._hub.leave_group(message.app_id, message.group)
-            ack = Ack(node=self._node_id, ack=message.ack, count=int(left))
-        self._enqueue(message.node, ack)
-
-    def _on_ack(self, message: Ack) -> None:
-        self._requests.acked(message.node, message.ack, -1 if message.error else message.count)
-
-    _handlers: ClassVar[dict[type[Any], Callable[[ClusterRouter, Any], None]]] = {
-        Deliver: _on_deliver,
-        Request: _on_request,
-        Withdraw: _on_withdraw,
-        Reply: _on_reply,
-        Fanout: _on_fanout,
-        GroupOp: _on_group_op,
-        Ack: _on_ack,
-    }
-    """What to do with each message that is not about presence (the replica takes those)."""
+        self._pump()
 
     # ------------------------------------------------------------------ Router: delivery
 
@@ -440,7 +375,7 @@ class ClusterRouter:
                                 exclude=list(exclude)))
         try:
             for node_id in nodes:
-                await self.backplane.publish(self._inbox(node_id), payload)
+                await self.backplane.publish(self._inbox_subject(node_id), payload)
             with anyio.move_on_after(self.ack_timeout):
                 await wait.done.wait()
         except BackplaneUnavailable as exc:
