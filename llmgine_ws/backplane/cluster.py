@@ -30,7 +30,7 @@ from ..routing import AppPresence, LocalRouter, NodePresence, Router, default_no
 from ..sessions import Session, SessionStore
 from . import Backplane, backplane_from_url
 from .inbox import Inbox
-from .presence import AppLeft, NodeJoined, NodeLeft, PresenceReplica
+from .presence import AppLeft, NodeJoined, PresenceEvent, PresenceReplica
 from .publisher import Publisher
 from .requests import ForwardedRequest, RemoteRequests
 from .wire import Deliver, Fanout, GroupOp, Hello, NodeMessage, Reply, Request, Withdraw, decode, encode
@@ -235,23 +235,27 @@ class ClusterRouter:
 
     def _pump(self) -> None:
         """Publish what the presence replica has to say, and act on what happened to it."""
-        for to, message in self._presence.data_to_send():
-            self._publisher.enqueue(self._subject(to), encode(message))
-        for event in self._presence.events_received():
-            if isinstance(event, AppLeft):
-                self._requests.app_gone(event.app_id)
-            elif isinstance(event, NodeJoined):
-                logger.info("cluster node %s: node %s (%s) joined", self._node_id, event.node_id, event.name)
-            elif isinstance(event, NodeLeft):
-                if event.silent_for is None:
-                    logger.info("cluster node %s: node %s (%s) left", self._node_id, event.node_id, event.name)
-                else:
-                    logger.warning("cluster node %s: node %s (%s) expired: no heartbeat for %.1fs; its %d app(s) "
-                                   "are gone", self._node_id, event.node_id, event.name, event.silent_for, event.apps)
-                self._requests.node_gone(event.node_id)
+        if self._presence.has_output:  # (most messages are not about presence: keep their path short)
+            for to, message in self._presence.data_to_send():
+                self._publisher.enqueue(self._subject(to), encode(message))
+            for event in self._presence.events_received():
+                self._on_presence_event(event)
         if self._presence.revision != self._revision:
             self._revision = self._presence.revision
             self._bump()
+
+    def _on_presence_event(self, event: PresenceEvent) -> None:
+        if isinstance(event, AppLeft):
+            self._requests.app_gone(event.app_id)
+        elif isinstance(event, NodeJoined):
+            logger.info("cluster node %s: node %s (%s) joined", self._node_id, event.node_id, event.name)
+        elif event.silent_for is None:
+            logger.info("cluster node %s: node %s (%s) left", self._node_id, event.node_id, event.name)
+            self._requests.node_gone(event.node_id)
+        else:
+            logger.warning("cluster node %s: node %s (%s) expired: no heartbeat for %.1fs; its %d app(s) are gone",
+                           self._node_id, event.node_id, event.name, event.silent_for, event.apps)
+            self._requests.node_gone(event.node_id)
 
     def app_added(self, connection: Connection) -> None:
         """Hub listener: announce the app."""

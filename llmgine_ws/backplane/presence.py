@@ -10,9 +10,9 @@ takes what to publish (:meth:`~PresenceReplica.data_to_send`) and what happened
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 from .wire import AppEntry, Delta, Goodbye, Heartbeat, Hello, NodeMessage, Snapshot, SyncRequest
 
@@ -117,6 +117,11 @@ class PresenceReplica:
 
     # ------------------------------------------------------------------ outputs
 
+    @property
+    def has_output(self) -> bool:
+        """Whether :meth:`data_to_send` or :meth:`events_received` has something."""
+        return bool(self._outgoing or self._events)
+
     def data_to_send(self) -> list[Outgoing]:
         """The messages to publish since the last call, in order."""
         outgoing, self._outgoing = self._outgoing, []
@@ -201,23 +206,28 @@ class PresenceReplica:
         node = self._nodes.get(message.node)
         if node is not None:
             node.last_seen = now
-        if isinstance(message, Hello):
-            node = self._seen(message.node, message.name, now)
-            self._send_snapshot(message.node)
-            if not node.synced or node.seq != message.seq:
-                self._request_sync(node, now, force=True)
-        elif isinstance(message, Heartbeat):
-            node = self._seen(message.node, message.name, now)
-            if not node.synced or node.seq != message.seq:
-                self._request_sync(node, now)
-        elif isinstance(message, Delta):
-            self._on_delta(self._seen(message.node, "", now), message, now)
-        elif isinstance(message, Snapshot):
-            self._on_snapshot(self._seen(message.node, message.name, now), message, now)
-        elif isinstance(message, SyncRequest):
-            self._send_snapshot(message.node)
-        elif isinstance(message, Goodbye) and node is not None:
+        receiver = self._receivers.get(type(message))  # a dict, not isinstance(): this runs for every message
+        if receiver is not None:
+            receiver(self, message, now)
+
+    def _on_hello(self, message: Hello, now: float) -> None:
+        node = self._seen(message.node, message.name, now)
+        self._send_snapshot(message.node)
+        if not node.synced or node.seq != message.seq:
+            self._request_sync(node, now, force=True)
+
+    def _on_heartbeat(self, message: Heartbeat, now: float) -> None:
+        node = self._seen(message.node, message.name, now)
+        if not node.synced or node.seq != message.seq:
+            self._request_sync(node, now)
+
+    def _on_goodbye(self, message: Goodbye, now: float) -> None:
+        node = self._nodes.get(message.node)
+        if node is not None:
             self._drop(node, silent_for=None)
+
+    def _on_sync_request(self, message: SyncRequest, now: float) -> None:
+        self._send_snapshot(message.node)
 
     def expire(self, now: float) -> None:
         """Expire nodes silent for longer than ``expiry``; ask again for snapshots that did not come."""
@@ -247,7 +257,8 @@ class PresenceReplica:
         node.sync_requested_at = now
         self._outgoing.append(Outgoing(node.node_id, SyncRequest(node=self.node_id)))
 
-    def _on_delta(self, node: NodeRecord, delta: Delta, now: float) -> None:
+    def _on_delta(self, delta: Delta, now: float) -> None:
+        node = self._seen(delta.node, "", now)
         if node.synced:
             if delta.seq <= node.seq:
                 return
@@ -258,7 +269,8 @@ class PresenceReplica:
             node.buffered.append(delta)
         self._request_sync(node, now)
 
-    def _on_snapshot(self, node: NodeRecord, part: Snapshot, now: float) -> None:
+    def _on_snapshot(self, part: Snapshot, now: float) -> None:
+        node = self._seen(part.node, part.name, now)
         if node.synced and part.seq <= node.seq:
             return
         if node.parts_seq != part.seq:
@@ -342,6 +354,15 @@ class PresenceReplica:
         self._forget_apps(node)
         self._events.append(NodeLeft(node.node_id, node.name, apps, silent_for))
         self.revision += 1
+
+    _receivers: ClassVar[dict[type[Any], Callable[[PresenceReplica, Any, float], None]]] = {
+        Hello: _on_hello,
+        Heartbeat: _on_heartbeat,
+        Goodbye: _on_goodbye,
+        SyncRequest: _on_sync_request,
+        Delta: _on_delta,
+        Snapshot: _on_snapshot,
+    }
 
     # ------------------------------------------------------------------ queries
 

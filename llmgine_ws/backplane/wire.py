@@ -6,6 +6,7 @@ messages mean and where they go is described in ``docs/scaling.md`` ("Cluster pr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Union
 
 import msgspec
@@ -145,18 +146,11 @@ WireMessage = Union[  # noqa: UP007 - a runtime union for msgspec
 ]
 """Every message a node may receive."""
 
-_encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(WireMessage)
-
-
-def encode(message: NodeMessage) -> bytes:
-    """The bytes to publish for ``message``."""
-    return _encoder.encode(message)
-
-
-def decode(payload: bytes) -> WireMessage:
-    """The message in ``payload``; raises ``msgspec.DecodeError`` (or ``ValidationError``) if it is not one."""
-    return _decoder.decode(payload)
+# The codec's own methods, not wrappers: decode runs for every message a node receives.
+encode: Callable[[NodeMessage], bytes] = msgspec.msgpack.Encoder().encode
+"""The bytes to publish for a message."""
+decode: Callable[[bytes], WireMessage] = msgspec.msgpack.Decoder(WireMessage).decode
+"""The message in a payload; raises ``msgspec.DecodeError`` (``ValidationError`` included) if it is not one."""
 
 
 __all__ = [
