@@ -170,7 +170,9 @@ class APIConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields
             raise ValueError("ping_interval must be >= 0 (0 disables server pings)")
         if not self.ws_path.startswith("/"):
             raise ValueError("ws_path must start with '/'")
-        _check_cluster_settings(self)
+        backplane_kind(self.backplane)
+        check_cluster_name(self.cluster_name)
+        check_heartbeat_interval(self.heartbeat_interval)
 
     def __repr__(self) -> str:
         fields = ", ".join(
@@ -220,16 +222,30 @@ class APIConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields
             raise ConfigError(_describe(str(exc), sources)) from None
 
 
-_BACKPLANE_SCHEMES = ("nats://", "tls://", "redis://", "rediss://")
+BACKPLANE_SCHEMES = {"nats": "nats", "tls": "nats", "redis": "redis", "rediss": "redis"}
+"""Backplane URL scheme → backplane kind."""
 
 
-def _check_cluster_settings(config: APIConfig) -> None:
-    if config.backplane != "memory" and not config.backplane.startswith(_BACKPLANE_SCHEMES):
+def backplane_kind(url: str) -> str:
+    """``memory``, ``nats`` or ``redis`` for a backplane setting; ``ValueError`` otherwise."""
+    if url == "memory":
+        return "memory"
+    scheme, separator, _ = url.partition("://")
+    kind = BACKPLANE_SCHEMES.get(scheme) if separator else None
+    if kind is None:
         raise ValueError("backplane must be 'memory', 'nats://…', 'tls://…', 'redis://…' or 'rediss://…'")
-    if not (0 < len(config.cluster_name) <= 64
-            and all(ch.isascii() and (ch.isalnum() or ch in "_-") for ch in config.cluster_name)):
+    return kind
+
+
+def check_cluster_name(name: str) -> None:
+    """Raise ``ValueError`` unless ``name`` can prefix backplane subjects (1-64 of ``[A-Za-z0-9_-]``)."""
+    if not (0 < len(name) <= 64 and all(ch.isascii() and (ch.isalnum() or ch in "_-") for ch in name)):
         raise ValueError("cluster_name must be 1-64 characters of letters, digits, '_' and '-'")
-    if not config.heartbeat_interval > 0:
+
+
+def check_heartbeat_interval(seconds: float) -> None:
+    """Raise ``ValueError`` unless ``seconds`` is a usable heartbeat interval (> 0)."""
+    if not seconds > 0:
         raise ValueError("heartbeat_interval must be > 0")
 
 

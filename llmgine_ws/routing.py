@@ -57,6 +57,15 @@ def default_node_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def local_presence(hub: Hub, node_id: str, node_name: str) -> list[AppPresence]:
+    """The apps connected to this process (closing ones left out), as seen by node ``node_id``."""
+    return [
+        AppPresence(app_id=c.app_id, node_id=node_id, node_name=node_name, connected_at=c.connected_at,
+                    sessions=sorted(c.session_ids), local=True)
+        for c in hub if not c.closing
+    ]
+
+
 class MessageRouter(Protocol):
     """Where frames go. All methods are safe to call for apps that are not (or no longer) connected."""
 
@@ -224,11 +233,7 @@ class LocalRouter:
 
     def presence(self) -> list[AppPresence]:
         """See :meth:`MessageRouter.presence`."""
-        return [
-            AppPresence(app_id=c.app_id, node_id=self.node_id, node_name=self._node_name,
-                        connected_at=c.connected_at, sessions=sorted(c.session_ids), local=True)
-            for c in self._hub if not c.closing
-        ]
+        return local_presence(self._hub, self.node_id, self._node_name)
 
     def nodes(self) -> list[NodePresence]:
         """See :meth:`MessageRouter.nodes`."""

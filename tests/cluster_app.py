@@ -5,11 +5,15 @@ the backplane) plus two test-only routes:
 
 * ``POST /test/call`` runs one messaging API call *on this node* and answers
   ``{"ok", "result" | "error", "message", "node"}``, so a test can make "the backend call on node B";
+  op ``wait`` (``{"until": op, "args": {...}, "equals": value, "timeout": seconds}``) waits, with the
+  router's ``wait_for``, until a query op answers ``value`` here — how a test in another process
+  waits for a node's view of the cluster to change, without polling;
 * connections to ``...?user=NAME`` are authenticated as user NAME (to exercise ``send_to_user``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -18,8 +22,22 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from llmgine_ws import Extensions, MessagingError, create_app, get_runtime
+from llmgine_ws.backplane.cluster import ClusterRouter
+from llmgine_ws.runtime import Runtime
 
 from .cluster_support import user_from_query
+
+QUERIES: dict[str, Callable[[Runtime, dict[str, Any]], Any]] = {
+    "is_app_connected": lambda runtime, args: runtime.messaging.is_app_connected(args["app_id"]),
+    "get_connected_apps": lambda runtime, args: runtime.messaging.get_connected_apps(),
+    "get_app_sessions": lambda runtime, args: runtime.messaging.get_app_sessions(args["app_id"]),
+    "node_of": lambda runtime, args: next(
+        (p.node_id for p in runtime.messaging.get_presence() if p.app_id == args["app_id"]), None),
+    "whoami": lambda runtime, args: runtime.message_router.node_id,
+    "ready": lambda runtime, args: runtime.readiness()[0],
+    "node_count": lambda runtime, args: len(runtime.message_router.nodes()),
+}
+"""The ops that only read this node's state (and that ``wait`` can wait on)."""
 
 
 async def call(request: Request) -> Response:
@@ -34,7 +52,15 @@ async def call(request: Request) -> Response:
                         media_type="application/json")
     result: Any
     try:
-        if op == "send_to_app":
+        if op in QUERIES:
+            result = QUERIES[op](runtime, args)
+        elif op == "wait":
+            router = runtime.message_router
+            assert isinstance(router, ClusterRouter)
+            query, query_args, expected = QUERIES[args["until"]], args.get("args", {}), args["equals"]
+            await router.wait_for(lambda: query(runtime, query_args) == expected, args.get("timeout", 10))
+            result = True
+        elif op == "send_to_app":
             result = await api.send_to_app(args["app_id"], args.get("type", "notification"), args.get("data"))
         elif op == "send_to_session":
             result = await api.send_to_session(args["session_id"], args.get("type", "notification"), args.get("data"))
@@ -53,16 +79,6 @@ async def call(request: Request) -> Response:
         elif op == "send_to_group":
             result = await api.send_to_group(args["group"], args.get("type", "notification"), args.get("data"),
                                               args.get("exclude"))
-        elif op == "is_app_connected":
-            result = api.is_app_connected(args["app_id"])
-        elif op == "get_connected_apps":
-            result = api.get_connected_apps()
-        elif op == "get_app_sessions":
-            result = api.get_app_sessions(args["app_id"])
-        elif op == "node_of":
-            result = next((p.node_id for p in api.get_presence() if p.app_id == args["app_id"]), None)
-        elif op == "whoami":
-            result = runtime.message_router.node_id
         else:
             return Response(f"unknown op {op!r}", status_code=400)
     except (MessagingError, TimeoutError) as exc:

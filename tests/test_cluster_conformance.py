@@ -19,7 +19,7 @@ import pytest
 
 from llmgine_ws import AppDisconnected, AppNotConnected, ServerRequestFailed
 from llmgine_ws.backplane import Backplane
-from llmgine_ws.backplane.cluster import AppEntry, Heartbeat, Hello, Snapshot
+from llmgine_ws.backplane.wire import AppEntry, Heartbeat, Hello, Snapshot
 from llmgine_ws.client import Client, Message, RequestError, connect
 from llmgine_ws.errors import BackplaneUnavailable, MessageTooLarge
 

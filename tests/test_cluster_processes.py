@@ -2,7 +2,8 @@
 
 Every node runs ``tests.cluster_app`` (the default app + ``POST /test/call``, which makes a
 messaging API call *on that node*), so "a client on node A, the backend call on node B" is literal.
-Across processes there is no event to wait on, so the tests poll HTTP endpoints — always bounded.
+A test waits for a node's view of the cluster to change by asking that node to wait (op ``wait``:
+its router's ``wait_for``, woken by every presence or connectivity change) — never by polling.
 """
 
 from __future__ import annotations
@@ -35,15 +36,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 HEARTBEAT = 0.5
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    """Poll ``check`` (an HTTP probe of another process) until it holds; bounded by ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await anyio.sleep(0.02)
-
-
 class NodeProcess:
     """``python -m llmgine_ws`` (or ``uvicorn``) serving tests.cluster_app on a pre-bound socket."""
 
@@ -61,7 +53,7 @@ class NodeProcess:
 
     async def call(self, op: str, **args: Any) -> dict[str, Any]:
         """One messaging API call made on this node (a fresh HTTP connection each time)."""
-        async with httpx.AsyncClient(base_url=self.url, timeout=30) as http:
+        async with httpx.AsyncClient(base_url=self.url, timeout=30 + float(args.get("timeout", 0))) as http:
             response = await http.post("/test/call", json={"op": op, "args": args})
         response.raise_for_status()
         result: dict[str, Any] = response.json()
@@ -70,6 +62,18 @@ class NodeProcess:
     async def get(self, path: str, headers: dict[str, str] | None = None) -> httpx.Response:
         async with httpx.AsyncClient(base_url=self.url, timeout=10) as http:
             return await http.get(path, headers=headers)
+
+    async def wait_until(self, query: str, equals: Any, timeout: float = 10, **args: Any) -> None:
+        """Wait until the query op ``query`` answers ``equals`` on this node (the node does the waiting)."""
+        await wait_on(self.call, query, equals, timeout, **args)
+
+
+async def wait_on(call: Callable[..., Awaitable[dict[str, Any]]], query: str, equals: Any, timeout: float,
+                  **args: Any) -> None:
+    """Make a node wait (op ``wait``, see tests.cluster_app) until ``query(**args) == equals`` there."""
+    outcome = await call("wait", until=query, args=args, equals=equals, timeout=timeout)
+    assert outcome["ok"], f"{query}({args}) never became {equals!r} within {timeout}s on node {outcome['node']}: " \
+                          f"{outcome}"
 
 
 @asynccontextmanager
@@ -116,15 +120,11 @@ def node_env(broker_url: str, cluster: str) -> dict[str, str]:
 
 
 async def wait_ready(node: NodeProcess, cluster_size: int, timeout: float = 30) -> None:
-    async def ready() -> bool:
-        try:
-            response = await node.get("/api/connections", headers=ADMIN)
-            ready = await node.get("/health/ready")
-        except httpx.TransportError:
-            return False
-        return ready.status_code == 200 and len(response.json()["cluster"]["nodes"]) == cluster_size
-
-    await eventually(ready, timeout, f"node on port {node.port} ready in a cluster of {cluster_size}")
+    """Wait until ``node`` is ready and knows ``cluster_size`` nodes (its socket queues us until it serves)."""
+    await node.wait_until("ready", True, timeout)
+    await node.wait_until("node_count", cluster_size, timeout)
+    assert (await node.get("/health/ready")).status_code == 200
+    assert len((await node.get("/api/connections", headers=ADMIN)).json()["cluster"]["nodes"]) == cluster_size
 
 
 @asynccontextmanager
@@ -139,10 +139,7 @@ async def process_cluster(broker_url: str, size: int) -> AsyncIterator[list[Node
 
 
 async def visible(node: NodeProcess, app_id: str, timeout: float = 10) -> None:
-    async def check() -> bool:
-        return bool((await node.call("is_app_connected", app_id=app_id))["result"])
-
-    await eventually(check, timeout, f"{app_id} visible from port {node.port}")
+    await node.wait_until("is_app_connected", True, timeout, app_id=app_id)
 
 
 @pytest.fixture(params=["nats", "redis"])
@@ -175,10 +172,7 @@ async def test_two_nodes_every_api_from_the_other_node(broker: Broker) -> None:
 
         session_id = await client.create_session()
 
-        async def has_session() -> bool:
-            return (await b.call("get_app_sessions", app_id=client.app_id))["result"] == [session_id]
-
-        await eventually(has_session, 10, "the session visible from node b")
+        await b.wait_until("get_app_sessions", [session_id], app_id=client.app_id)
 
         # Unicast, in order, from node b.
         for index in range(10):
@@ -271,10 +265,7 @@ async def test_three_nodes_remote_disconnect_and_kill_9(nats_broker: Broker) -> 
             os.killpg(c.process.pid, signal.SIGKILL)  # no goodbye, no cleanup
             killed = time.monotonic()
 
-            async def gone() -> bool:
-                return not (await b.call("is_app_connected", app_id=on_c.app_id))["result"]
-
-            await eventually(gone, 5, "the killed node's app to leave presence")
+            await b.wait_until("is_app_connected", False, 5, app_id=on_c.app_id)
             elapsed = time.monotonic() - killed
             assert elapsed <= 2 * HEARTBEAT + 0.25, f"presence expiry took {elapsed:.2f}s"
             refused = await b.call("send_to_app_and_wait", app_id=on_c.app_id, data={"request_type": "ask"})
@@ -319,10 +310,7 @@ async def test_workers_share_messaging(runner: str, kind: str, request: pytest.F
 
 
 async def visible_from_other(on_other: Callable[..., Awaitable[dict[str, Any]]], app_id: str) -> None:
-    async def check() -> bool:
-        return bool((await on_other("is_app_connected", app_id=app_id))["result"])
-
-    await eventually(check, 10, "the app visible from the other worker")
+    await wait_on(on_other, "is_app_connected", True, 10, app_id=app_id)
 
 
 async def test_broker_restart_not_ready_then_recovers(own_broker: Broker) -> None:
@@ -331,11 +319,10 @@ async def test_broker_restart_not_ready_then_recovers(own_broker: Broker) -> Non
         await visible(b, on_a.app_id)
         own_broker.kill()
 
-        async def not_ready() -> bool:
-            return (await a.get("/health/ready")).status_code == 503
-
-        await eventually(not_ready, 10, "node a not ready without its broker")
-        problems = (await a.get("/health/ready")).json()["problems"]
+        await a.wait_until("ready", False)
+        ready = await a.get("/health/ready")
+        assert ready.status_code == 503
+        problems = ready.json()["problems"]
         assert any("backplane" in problem for problem in problems), problems
         # Local service goes on...
         assert (await on_a.request("ping", {"timestamp": 1})).data == {"timestamp": 1}

@@ -19,8 +19,10 @@ from llmgine_ws.auth import Principal
 from llmgine_ws.backplane import backplane_from_url, backplane_kind, redact
 from llmgine_ws.backplane.cluster import ClusterRouter, build_router
 from llmgine_ws.backplane.memory import MemoryBackplane, MemoryBroker
+from llmgine_ws.backplane.requests import ForwardedRequest, RemoteRequests
+from llmgine_ws.backplane.wire import Reply, Request
 from llmgine_ws.connection import Connection
-from llmgine_ws.errors import BackplaneUnavailable, MessageTooLarge
+from llmgine_ws.errors import BackplaneUnavailable, MessageTooLarge, ServerShuttingDown
 from llmgine_ws.hub import Hub
 from llmgine_ws.routing import LocalRouter
 from llmgine_ws.sessions import SessionStore
@@ -240,3 +242,68 @@ async def test_memory_transport_order_size_and_outage() -> None:
             await sender.publish("s", b"lost")
         tg.cancel_scope.cancel()
     assert states[:2] == [True, False]
+
+
+async def test_remote_request_bookkeeping_ends_every_way_through_one_path() -> None:
+    """Every way a remote request ends goes through RemoteRequests, which clears both its table and the connection's."""
+    answers: list[tuple[str, Reply]] = []
+    requests = RemoteRequests("here", "memory", lambda request, reply: answers.append((request.origin, reply)))
+    connection = Connection("app-1", queue_size=4, send_grace=0.5)
+
+    def hold(message_id: str, origin: str = "there", deadline: float = 10.0) -> ForwardedRequest:
+        message = Request(node=origin, app_id="app-1", message_id=message_id, frame="q", timeout=1.0)
+        return requests.hold(connection, message, deadline)
+
+    # Held for other nodes: answered or failed (the outcome goes back to the waiting node)...
+    hold("m1")
+    hold("m2")
+    assert set(connection.pending) == {"m1", "m2"}
+    connection.pending.pop("m1").resolve({"ok": True})  # what the server_response handler does
+    connection.fail_pending(ServerShuttingDown)  # what shutdown does
+    assert [(origin, reply.node, reply.message_id, reply.data, reply.error) for origin, reply in answers] == [
+        ("there", "here", "m1", {"ok": True}, None), ("there", "here", "m2", None, "shutting_down")]
+    # ...or dropped without an answer: withdrawn, overdue, or the waiting node gone.
+    answers.clear()
+    withdrawn, overdue, orphan, kept = hold("m3"), hold("m4", deadline=1.0), hold("m5", origin="gone"), hold("m6")
+    requests.withdrawn("someone-else", "m3")  # only the node that asked may withdraw
+    assert not withdrawn.settled
+    requests.withdrawn("there", "m3")
+    requests.overdue(now=2.0)
+    requests.node_gone("gone")
+    assert answers == [] and set(connection.pending) == {"m6"}
+    assert withdrawn.settled and overdue.settled and orphan.settled and not kept.settled
+    kept.discard()
+    assert connection.pending == {} and answers == []
+
+    # Waited for here: settled by a reply, the app or node gone, or the broker lost.
+    replied, app_gone, node_gone, lost = (requests.expect("n1", "x", "r1"), requests.expect("n1", "y", "r2"),
+                                          requests.expect("n2", "z", "r3"), requests.expect("n1", "x", "r4"))
+    requests.replied(Reply(node="n2", message_id="r1", data={"forged": True}))  # not from n1: ignored
+    assert not replied.settled
+    requests.replied(Reply(node="n1", message_id="r1", data={"ok": 1}))
+    requests.app_gone("y")
+    requests.node_gone("n2")
+    requests.broker_lost()
+    assert await replied.pending.wait() == {"ok": 1}
+    for sent, error in ((app_gone, AppDisconnected), (node_gone, AppDisconnected), (lost, BackplaneUnavailable)):
+        with pytest.raises(error):
+            await sent.pending.wait()
+    for sent in (replied, app_gone, node_gone, lost):
+        requests.done(sent)
+    shutdown = requests.expect("n1", "x", "r5")
+    requests.shutting_down()
+    with pytest.raises(ServerShuttingDown):
+        await shutdown.pending.wait()
+
+    # Acknowledgements: counted per node; a node that leaves is not waited for; the caller's set is left alone.
+    nodes = {"n1", "n2"}
+    ack, wait = requests.expect_acks(nodes)
+    requests.acked("n1", ack, 2)
+    requests.acked("n1", ack, 5)  # a duplicate counts once
+    assert nodes == {"n1", "n2"} and not wait.done.is_set()
+    requests.node_gone("n2")
+    assert wait.done.is_set() and (wait.count, wait.expected, wait.failed) == (2, set(), False)
+    requests.acks_done(ack)
+    _, lost_ack = requests.expect_acks(nodes)
+    requests.broker_lost()
+    assert lost_ack.done.is_set() and lost_ack.failed

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio
 import anyio.abc
 
-from ..config import ConfigError
+from ..config import BACKPLANE_SCHEMES, ConfigError, backplane_kind
 
 MessageHandler = Callable[[str, bytes], None]
 """Called with ``(subject, payload)`` for each message received, in arrival order per subject.
@@ -39,14 +39,10 @@ It must not block: it runs on the backplane's receive path.
 StateHandler = Callable[[bool], None]
 """Called with ``True`` once connected *and* subscribed, ``False`` when the connection is lost."""
 
-BACKPLANE_SCHEMES = {"memory": "memory", "nats": "nats", "tls": "nats", "redis": "redis", "rediss": "redis"}
-"""URL scheme → backplane kind."""
-
-
 class Backplane(abc.ABC):
     """A connection of one node to the cluster's message broker.
 
-    Contract (checked by the conformance suite in ``tests/test_backplane_conformance.py``):
+    Contract (checked by the conformance suite in ``tests/test_cluster_conformance.py``):
 
     * :meth:`run` connects, subscribes to the given subjects, reports the state through
       ``on_state`` and hands every message to ``on_message``; it reconnects by itself, forever, until
@@ -121,18 +117,6 @@ def backplane_from_url(url: str) -> Backplane | None:
     return RedisBackplane(url)
 
 
-def backplane_kind(url: str) -> str:
-    """``memory``, ``nats`` or ``redis`` for a backplane setting; ``ValueError`` otherwise."""
-    if url == "memory":
-        return "memory"
-    scheme = urlsplit(url).scheme
-    kind = BACKPLANE_SCHEMES.get(scheme)
-    if kind is None or kind == "memory" or "://" not in url:
-        raise ValueError(f"backplane must be 'memory', 'nats://…', 'tls://…', 'redis://…' or 'rediss://…', "
-                         f"not {redact(url)!r}")
-    return kind
-
-
 def redact(url: str) -> str:
     """``url`` without a password (for logs and health output)."""
     parts = urlsplit(url)
@@ -144,4 +128,5 @@ def redact(url: str) -> str:
     return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
 
 
-__all__ = ["Backplane", "MessageHandler", "StateHandler", "backplane_from_url", "backplane_kind", "redact"]
+__all__ = ["BACKPLANE_SCHEMES", "Backplane", "MessageHandler", "StateHandler", "backplane_from_url", "backplane_kind",
+           "redact"]
