@@ -18,6 +18,7 @@ from .errors import (
     PendingRequestLimit,
     ProtocolError,
     ServerRequestFailed,
+    ServerRequestTimeout,
     ServerShuttingDown,
     SessionNotFound,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "ProtocolError",
     "Runtime",
     "ServerRequestFailed",
+    "ServerRequestTimeout",
     "ServerResponse",
     "ServerShuttingDown",
     "Session",

@@ -64,13 +64,24 @@ class APIConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields
     """Unanswered ``server_ping`` messages after which a connection is closed (1011)."""
 
     outbound_queue_size: int = 256
-    """Frames that may wait for a connection's writer. Memory per connection is bounded by
-    ``outbound_queue_size × max_message_size``."""
+    """Frames that may wait for a connection's writer (and again, behind them, frames from code that
+    cannot wait: replies, broadcasts, deliveries from other nodes). Past it the client is too slow
+    to read: closed with 1013 after ``send_grace``."""
+    outbound_queue_bytes: int = 4 * 1024 * 1024
+    """Bytes (characters) of frames that may wait for a connection's writer, counted like
+    ``outbound_queue_size``. The frames queued for one connection never hold more than
+    ``2 × outbound_queue_bytes`` (plus one frame per task waiting to send); one frame larger than
+    this still goes out when nothing else is queued."""
     send_grace: float = 5.0
     """How long a send may wait for room in a full outbound queue before the connection is closed
     with 1013 (a client that stopped reading must not hold anyone else up)."""
     max_inflight_requests: int = 64
     """Requests one connection may have being handled at once; past it ``TOO_MANY_REQUESTS``."""
+    max_inflight_bytes: int = 16 * 1024 * 1024
+    """Estimated decoded size of the requests one connection may have being handled or queued at once
+    (engine commands waiting for their engine included); past it ``TOO_MANY_REQUESTS``. Decoded JSON
+    takes far more memory than its text (``[[],[],…]``: ~25×), so the estimate counts containers and
+    separators, not only characters. One request alone is always admitted."""
     max_message_size: int = 1024 * 1024
     """Largest frame accepted from a client (bytes); a larger one closes the connection with 1009."""
 
@@ -119,12 +130,22 @@ class APIConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields
     """Connections at once from one client address; more are refused at the handshake (429)."""
     max_sessions_per_connection: int = 20
     """Sessions one connection may hold; past it ``SESSION_LIMIT_REACHED``."""
+    max_sessions_per_ip: int = 20
+    """Sessions the connections of one client address may hold together; past it
+    ``SESSION_LIMIT_REACHED`` (so one address cannot take the whole ``max_sessions`` pool)."""
+    max_sessions_per_user: int = 40
+    """Sessions the connections of one authenticated user may hold together, from any address."""
     rate_limit: float = 100.0
     """Messages per second one connection may send (token bucket); past it ``RATE_LIMITED``."""
     rate_burst: int = 200
     """Messages one connection may send at once before ``rate_limit`` applies."""
     rate_limit_strikes: int = 50
     """Rate-limited messages tolerated (refilling at one per second) before the connection is closed (1008)."""
+    user_rate_limit: float = 200.0
+    """Messages per second all the connections of one authenticated user may send together (token
+    bucket, on top of ``rate_limit``); past it ``RATE_LIMITED``. 0 turns it off."""
+    user_rate_burst: int = 400
+    """Messages one user's connections may send at once before ``user_rate_limit`` applies."""
     broadcast_rate_limit: float = 50.0
     """Broadcasts per second the server may send (token bucket); past it ``broadcast`` raises ``RateLimited``."""
     broadcast_burst: int = 100
@@ -147,7 +168,9 @@ class APIConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields
     """Free-form settings for your extensions (``LLMGINE_API_CUSTOM`` takes a JSON object)."""
 
     def __post_init__(self) -> None:
-        for name in ("port", "max_sessions", "missed_pongs", "outbound_queue_size", "max_inflight_requests",
+        for name in ("port", "max_sessions", "missed_pongs", "outbound_queue_size", "outbound_queue_bytes",
+                     "max_inflight_bytes", "max_sessions_per_ip", "max_sessions_per_user", "user_rate_burst",
+                     "max_inflight_requests",
                      "max_message_size", "max_pending_requests", "max_connections", "max_connections_per_ip",
                      "max_sessions_per_connection", "rate_burst", "rate_limit_strikes", "broadcast_burst"):
             if getattr(self, name) <= 0:
@@ -159,7 +182,7 @@ class APIConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields
                      "engine_idle_timeout", "callback_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0")
-        if self.rate_limit < 0 or self.broadcast_rate_limit < 0:
+        if self.rate_limit < 0 or self.broadcast_rate_limit < 0 or self.user_rate_limit < 0:
             raise ValueError("rate limits must be >= 0 (0 turns a limit off)")
         for proxy in self.trusted_proxies:
             try:

@@ -20,7 +20,7 @@ from .audit import AuditLog
 from .errors import AppDisconnected, ErrorCode, ProtocolError
 from .outbox import Outbox, OutboxClosed
 from .protocol import utcnow
-from .security import RateLimiter
+from .security import RateLimiter, TokenBucket
 
 logger = logging.getLogger("llmgine_ws.connection")
 
@@ -87,6 +87,7 @@ class Connection:
         *,
         queue_size: int,
         send_grace: float,
+        queue_bytes: int = 4 * 1024 * 1024,
         principal: Any = None,
         client_ip: str | None = None,
         audit: AuditLog | None = None,
@@ -100,6 +101,8 @@ class Connection:
         self._audit = audit or AuditLog()
         self._on_change = on_change
         self.rate_limiter: RateLimiter | None = None
+        self.user_rate_limiter: TokenBucket | None = None
+        """Shared by every connection of the same authenticated user (``user_rate_limit``)."""
         self.rate_limit_noted = False
         self.connected_at: datetime = utcnow()
         self.last_activity: float = time.monotonic()
@@ -108,6 +111,9 @@ class Connection:
         """Server requests sent to this app and waiting for its ``server_response``, by message_id."""
         self.in_flight: dict[str, anyio.CancelScope] = {}
         """Client requests being handled right now, by message_id (their handlers' cancel scopes)."""
+        self.in_flight_bytes = 0
+        """The estimated decoded size of the requests in :attr:`in_flight` (see ``max_inflight_bytes``)."""
+        self._request_costs: dict[str, int] = {}
         self._idle: anyio.Event | None = None
         self.unanswered_pings: dict[str, float] = {}
         self.close_code: int | None = None
@@ -118,9 +124,12 @@ class Connection:
         self.closed = anyio.Event()
         """Set once the connection has been cleaned up and forgotten by the hub."""
         self._send_grace = send_grace
-        self.outbox: Outbox[OutboundItem] = Outbox(queue_size)
+        self.outbox: Outbox[OutboundItem] = Outbox(queue_size, queue_bytes)
+        self._queue_size = queue_size
+        self._queue_bytes = queue_bytes
         self._backlog: deque[str] | None = None
-        """Frames waiting for the writer (the only task that writes to the socket)."""
+        """Frames from code that must not wait, behind a full outbox (drained by one task in order)."""
+        self._backlog_bytes = 0
         self._task_group: TaskGroup | None = None
 
     @property
@@ -143,11 +152,13 @@ class Connection:
         self._task_group.start_soon(func, *args)
         return True
 
-    def begin_request(self, message_id: str, limit: int) -> anyio.CancelScope:
+    def begin_request(self, message_id: str, limit: int, cost: int = 0, byte_limit: int = 0) -> anyio.CancelScope:
         """Register a client request about to be handled; its cancel scope lets ``cancel`` stop it.
 
-        Raises ``DUPLICATE_MESSAGE_ID`` if a request with this id is still running and
-        ``TOO_MANY_REQUESTS`` past ``limit`` requests in flight.
+        ``cost`` is the request's estimated decoded size, held until :meth:`end_request`. Raises
+        ``DUPLICATE_MESSAGE_ID`` if a request with this id is still running, ``TOO_MANY_REQUESTS``
+        past ``limit`` requests in flight or past ``byte_limit`` bytes held (0: no byte limit; a
+        request alone is always admitted).
         """
         if message_id in self.in_flight:
             raise ProtocolError(ErrorCode.DUPLICATE_MESSAGE_ID, "a request with this message_id is still running",
@@ -155,7 +166,15 @@ class Connection:
         if len(self.in_flight) >= limit:
             raise ProtocolError(ErrorCode.TOO_MANY_REQUESTS, "too many requests in flight on this connection",
                                 {"limit": limit})
+        if byte_limit and self.in_flight and self.in_flight_bytes + cost > byte_limit:
+            raise ProtocolError(ErrorCode.TOO_MANY_REQUESTS, "the requests in flight on this connection hold too "
+                                "much data: wait for answers before sending more",
+                                {"limit_bytes": byte_limit, "in_flight_bytes": self.in_flight_bytes,
+                                 "request_bytes": cost})
         scope = self.in_flight[message_id] = anyio.CancelScope()
+        if cost:
+            self._request_costs[message_id] = cost
+            self.in_flight_bytes += cost
         self.changed()
         return scope
 
@@ -163,6 +182,7 @@ class Connection:
         """Forget a finished request (and wake :meth:`wait_idle` when it was the last)."""
         if self.in_flight.get(message_id) is scope:
             del self.in_flight[message_id]
+            self.in_flight_bytes -= self._request_costs.pop(message_id, 0)
             self.changed()
         if not self.in_flight and self._idle is not None:
             self._idle.set()
@@ -178,7 +198,7 @@ class Connection:
     def send_nowait(self, frame: str) -> bool:
         """Queue a frame without waiting; False if the queue is full or the connection is closing."""
         # Not past a backlog: what waits there was queued first.
-        return not self.closing and self._backlog is None and self.outbox.put_nowait(frame)
+        return not self.closing and self._backlog is None and self.outbox.put_nowait(frame, len(frame))
 
     async def send(self, frame: str) -> None:
         """Queue a frame, waiting up to ``send_grace`` for room.
@@ -188,12 +208,13 @@ class Connection:
         """
         if self.closing:
             raise AppDisconnected(self.app_id)
-        if self.outbox.put_nowait(frame):
+        size = len(frame)
+        if self.outbox.put_nowait(frame, size):
             return
         self.changed()  # a producer is about to wait for room
         with anyio.move_on_after(self._send_grace):
             try:
-                await self.outbox.put(frame)
+                await self.outbox.put(frame, size)
                 return
             except OutboxClosed:
                 raise AppDisconnected(self.app_id) from None
@@ -205,26 +226,35 @@ class Connection:
 
         Right away if there is room; else it joins this connection's backlog, drained in order by one
         task of the connection that waits like :meth:`send` (so a client too slow for the send grace
-        is closed with 1013, never silently skipped). False when the connection is going away.
+        is closed with 1013, never silently skipped). The backlog is bounded like the outbox — in
+        frames and in bytes — and a client that overflows it is stalled: closed with 1013 too.
+        False when the connection is going away.
         """
-        if self._backlog is not None:
-            self._backlog.append(frame)
-            return True
-        if self.send_nowait(frame):
-            return True
-        if self.closing:
+        backlog = self._backlog
+        if backlog is None:
+            if self.send_nowait(frame):
+                return True
+            if self.closing:
+                return False
+            backlog = self._backlog = deque()
+            self._backlog_bytes = 0
+            if not self.spawn(self._drain_backlog, backlog):
+                self._backlog = None
+                return False
+        size = len(frame)
+        if backlog and (len(backlog) >= self._queue_size or self._backlog_bytes + size > self._queue_bytes):
+            self.force_close(WS_TRY_AGAIN_LATER, "outbound queue full", backlog=len(backlog),
+                             backlog_bytes=self._backlog_bytes)
             return False
-        backlog = self._backlog = deque([frame])
-        if not self.spawn(self._drain_backlog, backlog):
-            self._backlog = None
-            return False
+        backlog.append(frame)
+        self._backlog_bytes += size
         return True
 
     async def _drain_backlog(self, backlog: deque[str]) -> None:
         try:
             while backlog:
                 await self.send(backlog[0])
-                backlog.popleft()
+                self._backlog_bytes -= len(backlog.popleft())
         except AppDisconnected:
             pass  # closed for being too slow (audited in send) or already going away
         finally:
@@ -246,6 +276,10 @@ class Connection:
         self.changed()
         if self._task_group is not None:
             self._task_group.cancel_scope.cancel()
+
+    def awaits_answer(self, message_id: str) -> bool:
+        """Whether a server request or ping with this message_id waits for this client's answer."""
+        return message_id in self.pending or message_id in self.unanswered_pings
 
     def changed(self) -> None:
         """Tell the app's state watch that this connection changed (requests, pending, closing)."""

@@ -37,14 +37,17 @@ class Services:
 class HandlerContext:
     """Passed to every handler with the decoded payload: ``handler(data, ctx)``."""
 
-    __slots__ = ("_services", "connection", "message_id", "message_type", "prepared")
+    __slots__ = ("_services", "connection", "message_id", "message_type", "prepared", "request_bytes")
 
-    def __init__(self, services: Services, connection: Connection, message_type: str, message_id: str) -> None:
+    def __init__(self, services: Services, connection: Connection, message_type: str, message_id: str,
+                 request_bytes: int = 0) -> None:
         self._services = services
         self.connection = connection
         self.message_type = message_type
         self.message_id = message_id
         """The request's message_id (the reply repeats it)."""
+        self.request_bytes = request_bytes
+        """The estimated memory the decoded request holds (see ``max_inflight_bytes``)."""
         self.prepared: Any = None
         """What the message type's ``prepare`` hook returned when it was dispatched (core handlers only)."""
 

@@ -25,6 +25,19 @@ from .usercode import contained
 
 logger = logging.getLogger("llmgine_ws.dispatch")
 
+def decoded_size_estimate(text: str) -> int:
+    """A generous estimate of the memory a frame takes once decoded (bytes).
+
+    JSON text is far smaller than the objects it decodes to: every container and every element costs
+    tens of bytes (``[[],[],…]`` decodes to ~25 times its size), so they are counted, not only the
+    characters. Small frames are not worth counting: their text length stands in.
+    """
+    size = len(text)
+    if size < 4096:
+        return size
+    return size + 48 * (text.count("[") + text.count("{") + text.count(","))
+
+
 ALLOWED_WHILE_DRAINING = frozenset(name for name, spec in CORE_CLIENT_MESSAGES.items() if spec.while_draining)
 """What a draining server still answers: what lets running work finish, and harmless reads."""
 
@@ -38,6 +51,7 @@ class Dispatcher:
         self._encoder = services.encoder
         self._lifecycle = services.lifecycle
         self._max_inflight = services.config.max_inflight_requests
+        self._max_inflight_bytes = services.config.max_inflight_bytes
         self._audit = audit
         self._metrics = metrics
         self.specs: dict[str, HandlerSpec] = {}
@@ -62,7 +76,9 @@ class Dispatcher:
             return
         spec = self._table[type(message)]
         message_id: str = message.message_id
-        if spec.message_type not in ANSWERS and not self.within_rate_limit(connection, message_id):
+        if spec.message_type in ANSWERS and connection.awaits_answer(message_id):
+            pass  # an answer to the server's own request: the server bounds how many it asks
+        elif not self.within_rate_limit(connection, message_id):
             return
         if self._metrics is not None:
             self._metrics.message_in(spec.message_type)
@@ -71,12 +87,13 @@ class Dispatcher:
                 ErrorCode.SHUTTING_DOWN, "the server is shutting down; reconnect shortly",
                 {"message_type": spec.message_type})))
             return
-        ctx = HandlerContext(self._services, connection, spec.message_type, message_id)
+        cost = decoded_size_estimate(text)
+        ctx = HandlerContext(self._services, connection, spec.message_type, message_id, cost)
         if spec.inline:
             self._run_inline(spec, message.data, ctx)
             return
         try:
-            scope = connection.begin_request(message_id, self._max_inflight)
+            scope = connection.begin_request(message_id, self._max_inflight, cost, self._max_inflight_bytes)
         except ProtocolError as exc:
             connection.send_soon(self._encoder.error(message_id, exc))
             return
@@ -96,23 +113,29 @@ class Dispatcher:
         Over the limit: answer ``RATE_LIMITED`` (with ``retry_after``) and drop the frame; once the
         strike budget is spent too, close the connection (1008).
         """
-        limiter = connection.rate_limiter
-        if limiter is None:
+        limiter, user_limiter = connection.rate_limiter, connection.user_rate_limiter
+        if limiter is None and user_limiter is None:
             return True
         now = connection.last_activity  # the reader stamped this frame's arrival just before
-        if limiter.messages.take(now):
+        refused_by = None
+        if limiter is not None and not limiter.messages.take(now):
+            refused_by = limiter.messages
+        elif user_limiter is not None and not user_limiter.take(now):
+            refused_by = user_limiter
+        if refused_by is None:
             connection.rate_limit_noted = False
             return True
-        if not limiter.strikes.take(now):
+        if limiter is not None and not limiter.strikes.take(now):
             connection.force_close(WS_POLICY_VIOLATION, "rate limit exceeded")
             return False
         if not connection.rate_limit_noted:  # once per episode, not once per message: no log flooding
             connection.rate_limit_noted = True
-            self._audit("limit_hit", level=logging.WARNING, limit="rate", app_id=connection.app_id,
-                        user_id=connection.user_id, client_ip=connection.client_ip)
+            self._audit("limit_hit", level=logging.WARNING, limit="rate" if refused_by is not user_limiter
+                        else "user_rate", app_id=connection.app_id, user_id=connection.user_id,
+                        client_ip=connection.client_ip)
         connection.send_soon(self._encoder.error(message_id, ProtocolError(
             ErrorCode.RATE_LIMITED, "too many messages: slow down",
-            {"retry_after": round(limiter.messages.retry_after(), 3)})))
+            {"retry_after": round(refused_by.retry_after(), 3)})))
         return False
 
     def _run_inline(self, spec: HandlerSpec, data: Any, ctx: HandlerContext) -> None:

@@ -88,6 +88,19 @@ class AppDisconnected(MessagingError):
         self.message_id = message_id
 
 
+class ServerRequestTimeout(TimeoutError, MessagingError):
+    """The app did not answer a server request within its timeout (an expected outcome: users walk away).
+
+    A ``TimeoutError``, so code written for the plain one keeps working.
+    """
+
+    def __init__(self, app_id: str, message_id: str, timeout: float) -> None:
+        super().__init__(f"app {app_id!r} did not answer request {message_id!r} within {timeout:g}s")
+        self.app_id = app_id
+        self.message_id = message_id
+        self.timeout = timeout
+
+
 class ServerShuttingDown(MessagingError):
     """The server is shutting down; the operation was abandoned."""
 

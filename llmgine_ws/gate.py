@@ -17,7 +17,14 @@ from .connection import Connection
 from .hub import Hub
 from .lifecycle import Lifecycle
 from .protocol import ConnectedData, FrameEncoder
-from .security import ConnectionCounter, RateLimiter, origin_allowed, parse_networks, resolve_client_ip
+from .security import (
+    ConnectionCounter,
+    RateLimiter,
+    SharedBuckets,
+    origin_allowed,
+    parse_networks,
+    resolve_client_ip,
+)
 from .watch import StateWatch
 
 logger = logging.getLogger("llmgine_ws.gate")
@@ -42,6 +49,7 @@ class HandshakeGate:
         self._encoder = encoder
         self._watch = watch
         self._trusted_proxies = parse_networks(config.trusted_proxies)
+        self._user_buckets = SharedBuckets(config.user_rate_limit, config.user_rate_burst)
         self._warned_no_lifespan = False
 
     async def open(self, websocket: WebSocket) -> Connection | None:
@@ -85,11 +93,14 @@ class HandshakeGate:
             logger.warning("the app's lifespan is not running: session expiry, idle-engine stops and the blocking "
                            "messaging API are off (when mounting, pass the app's lifespan to the host app)")
         config = self._config
-        connection = Connection(str(uuid.uuid4()), queue_size=config.outbound_queue_size, send_grace=config.send_grace,
+        connection = Connection(str(uuid.uuid4()), queue_size=config.outbound_queue_size,
+                                queue_bytes=config.outbound_queue_bytes, send_grace=config.send_grace,
                                 principal=principal, client_ip=client_ip, audit=self._audit,
                                 on_change=self._watch.notify)
         if config.rate_limit > 0:
             connection.rate_limiter = RateLimiter(config.rate_limit, config.rate_burst, config.rate_limit_strikes)
+        if config.user_rate_limit > 0 and connection.user_id is not None:
+            connection.user_rate_limiter = self._user_buckets.acquire(connection.user_id)
         self._hub.add(connection)
         connection.send_nowait(self._encoder.event("connected", ConnectedData(app_id=connection.app_id)))
         logger.info("app %s connected from %s", connection.app_id, client_ip, extra={"app_id": connection.app_id})
@@ -98,6 +109,8 @@ class HandshakeGate:
     def release(self, connection: Connection) -> None:
         """Give back the connection's slot under the connection caps."""
         self._counter.remove(connection.client_ip)
+        if connection.user_rate_limiter is not None and connection.user_id is not None:
+            self._user_buckets.release(connection.user_id)
         self._watch.notify()
 
     async def _authenticate(self, websocket: WebSocket, client_ip: str | None, origin: str | None

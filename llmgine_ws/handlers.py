@@ -153,7 +153,7 @@ class CoreHandlers:
         Inline, so that arrival order is fixed before any task is scheduled.
         """
         ctx.get_session(data.session_id)
-        self._engines.submit(ctx.connection, data.session_id, ctx.message_id, data.command)
+        self._engines.submit(ctx.connection, data.session_id, ctx.message_id, data.command, ctx.request_bytes)
         return NO_REPLY
 
     async def delete_engine(self, data: SessionRef, ctx: HandlerContext) -> DeleteEngineResData:

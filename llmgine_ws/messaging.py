@@ -12,7 +12,15 @@ import msgspec
 from anyio.from_thread import BlockingPortal
 
 from .audit import AuditLog
-from .errors import AppDisconnected, MessagingError, RateLimited, ServerRequestFailed, SessionNotFound
+from .errors import (
+    AppDisconnected,
+    MessagingError,
+    RateLimited,
+    ServerRequestFailed,
+    ServerRequestTimeout,
+    ServerShuttingDown,
+    SessionNotFound,
+)
 from .protocol import FrameEncoder, new_message_id
 from .routing import AppPresence, MessageRouter
 from .security import TokenBucket
@@ -84,7 +92,8 @@ class MessagingAPI:
     ) -> ServerResponse:
         """Send a request to an app and wait for its ``server_response``.
 
-        Raises ``TimeoutError`` after ``timeout`` seconds (default: ``server_request_timeout``),
+        Raises ``ServerRequestTimeout`` (a ``TimeoutError``) after ``timeout`` seconds (default:
+        ``server_request_timeout``),
         ``AppNotConnected`` if the app is not connected, ``AppDisconnected`` as soon as it
         disconnects while the request is pending, and ``ServerRequestFailed`` when the client
         answers with an ``error`` field.
@@ -97,23 +106,25 @@ class MessagingAPI:
                   "message_id": message_id, "request_type": request_type}
         self._audit("server_request", outcome="sent", **record)
         started = time.monotonic()
+        limit = self._default_timeout if timeout is None else timeout
         outcome = "cancelled"  # what happened, for the audit log and (when unanswered) for the client
         try:
-            answer = await self._router.request(
-                app_id, message_id, frame, self._default_timeout if timeout is None else timeout
-            )
+            answer = await self._router.request(app_id, message_id, frame, limit)
             outcome = "failed" if answer.get("error") is not None else "answered"
         except TimeoutError:
             outcome = "timed_out"
-            raise
+            raise ServerRequestTimeout(app_id, message_id, limit) from None
         except AppDisconnected:
             outcome = "disconnected"
+            raise
+        except ServerShuttingDown:
+            outcome = "shutting_down"
             raise
         except MessagingError as exc:
             outcome = f"not_sent:{type(exc).__name__}"
             raise
         finally:
-            if outcome in ("timed_out", "cancelled"):
+            if outcome in ("timed_out", "cancelled", "shutting_down"):
                 await self._withdraw(app_id, message_id, "timeout" if outcome == "timed_out" else "cancelled")
             self._audit("server_request", outcome=outcome, duration=round(time.monotonic() - started, 4), **record)
         if answer.get("error") is not None:

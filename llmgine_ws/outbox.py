@@ -1,11 +1,15 @@
-"""A connection's outbound queue: bounded, FIFO, one consumer (the writer task).
+"""A connection's outbound queue: bounded in items *and* bytes, FIFO, one consumer (the writer task).
 
-It has the semantics of an anyio memory object stream of the same size — ``put_nowait`` refuses
-when full, ``put`` waits for room in FIFO order, ``get`` waits for an item — but it is built for the
-one place where every frame passes: an anyio stream's ``receive`` costs a checkpoint plus a
-``TaskInfo`` snapshot each time the writer finds the queue empty, which measured ~20% of the
-server's CPU in the 64-connection ping benchmark (see benchmarks/README.md). Here an empty-queue
-wait costs one ``anyio.Event``, and a non-empty one costs nothing.
+It has the semantics of an anyio memory object stream — ``put_nowait`` refuses when full, ``put``
+waits for room in FIFO order, ``get`` waits for an item — but it is built for the one place where
+every frame passes: an anyio stream's ``receive`` costs a checkpoint plus a ``TaskInfo`` snapshot
+each time the writer finds the queue empty, which measured ~20% of the server's CPU in the
+64-connection ping benchmark (see benchmarks/README.md). Here an empty-queue wait costs one
+``anyio.Event``, and a non-empty one costs nothing.
+
+Room means fewer than ``capacity`` items *and* at most ``max_bytes`` queued (each item's size is
+given by its producer); an item larger than ``max_bytes`` still goes through an empty queue, so a
+big frame is slow, never impossible.
 """
 
 from __future__ import annotations
@@ -25,15 +29,19 @@ class OutboxClosed(Exception):
 class Outbox(Generic[T]):
     """Bounded FIFO between any number of producers and one consumer."""
 
-    __slots__ = ("_capacity", "_closed", "_item_ready", "_items", "_new_event", "_waiting_producers")
+    __slots__ = ("_bytes", "_capacity", "_closed", "_item_ready", "_items", "_max_bytes", "_new_event", "_sizes",
+                 "_waiting_producers")
 
-    def __init__(self, capacity: int) -> None:
-        if capacity < 1:
-            raise ValueError("capacity must be >= 1")
+    def __init__(self, capacity: int, max_bytes: int) -> None:
+        if capacity < 1 or max_bytes < 1:
+            raise ValueError("capacity and max_bytes must be >= 1")
         self._capacity = capacity
+        self._max_bytes = max_bytes
         self._items: deque[T] = deque()
+        self._sizes: deque[int] = deque()
+        self._bytes = 0
         self._item_ready: anyio.Event | None = None
-        self._waiting_producers: deque[tuple[T, anyio.Event]] = deque()
+        self._waiting_producers: deque[tuple[T, int, anyio.Event]] = deque()
         self._closed = False
         self._new_event: type[anyio.Event] | None = None
 
@@ -45,17 +53,27 @@ class Outbox(Generic[T]):
         """Producers waiting for room (the consumer is behind)."""
         return len(self._waiting_producers)
 
-    def put_nowait(self, item: T) -> bool:
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of the items queued (not counting those of producers still waiting for room)."""
+        return self._bytes
+
+    def _has_room(self, size: int) -> bool:
+        return not self._items or (len(self._items) < self._capacity and self._bytes + size <= self._max_bytes)
+
+    def put_nowait(self, item: T, size: int = 0) -> bool:
         """Queue ``item`` if there is room and nobody is already waiting for room; else False."""
-        if self._closed or self._waiting_producers or len(self._items) >= self._capacity:
+        if self._closed or self._waiting_producers or not self._has_room(size):
             return False
         self._items.append(item)
+        self._sizes.append(size)
+        self._bytes += size
         if self._item_ready is not None:
             self._item_ready.set()
             self._item_ready = None
         return True
 
-    async def put(self, item: T) -> None:
+    async def put(self, item: T, size: int = 0) -> None:
         """Queue ``item``, waiting (in FIFO order with other producers) until there is room.
 
         Raises :class:`OutboxClosed` if the outbox is, or gets, closed before the item is queued.
@@ -63,10 +81,10 @@ class Outbox(Generic[T]):
         """
         if self._closed:
             raise OutboxClosed
-        if self.put_nowait(item):
+        if self.put_nowait(item, size):
             return
         queued = anyio.Event()
-        entry = (item, queued)
+        entry = (item, size, queued)
         self._waiting_producers.append(entry)
         try:
             await queued.wait()
@@ -88,9 +106,13 @@ class Outbox(Generic[T]):
             ready = self._item_ready = self._new_event()
             await ready.wait()
         item = self._items.popleft()
-        if self._waiting_producers:  # hand the room to the longest-waiting producer
-            waiting, queued = self._waiting_producers.popleft()
-            self._items.append(waiting)
+        self._bytes -= self._sizes.popleft()
+        waiting = self._waiting_producers
+        while waiting and self._has_room(waiting[0][1]):  # hand the room to the longest-waiting producers
+            waiting_item, size, queued = waiting.popleft()
+            self._items.append(waiting_item)
+            self._sizes.append(size)
+            self._bytes += size
             queued.set()
         return item
 
@@ -98,7 +120,9 @@ class Outbox(Generic[T]):
         """Accept nothing more; wake everyone waiting (producers get ``OutboxClosed``)."""
         self._closed = True
         self._items.clear()
-        for _, queued in self._waiting_producers:
+        self._sizes.clear()
+        self._bytes = 0
+        for _, _, queued in self._waiting_producers:
             queued.set()
         self._waiting_producers.clear()
         if self._item_ready is not None:

@@ -42,6 +42,10 @@ from .watch import StateWatch
 
 logger = logging.getLogger("llmgine_ws.runtime")
 
+SETTLE_TIMEOUT = 1.0
+"""On shutdown, how long requests that were just cancelled (or whose server requests failed) get to
+queue their answers before connections are closed."""
+
 
 class Runtime:
     """Everything one app owns. Reach it with ``app.state.llmgine`` (or :func:`get_runtime`)."""
@@ -77,10 +81,12 @@ class Runtime:
         self.engines = EngineManager(
             extensions.engine_factories, encoder=self.encoder, messaging=self.messaging, metrics=self.metrics,
             start_timeout=config.engine_start_timeout, stop_timeout=config.engine_stop_timeout,
-            max_inflight_requests=config.max_inflight_requests, on_change=self.watch.notify)
+            max_inflight_requests=config.max_inflight_requests, max_inflight_bytes=config.max_inflight_bytes,
+            on_change=self.watch.notify)
         self.session_manager = SessionManager(
             sessions, self.engines, hub, encoder=self.encoder, audit=self.audit,
-            max_per_connection=config.max_sessions_per_connection, callback_timeout=config.callback_timeout,
+            max_per_connection=config.max_sessions_per_connection, max_per_ip=config.max_sessions_per_ip,
+            max_per_user=config.max_sessions_per_user, callback_timeout=config.callback_timeout,
             on_created=extensions.session_callbacks["session_created"],
             on_destroyed=extensions.session_callbacks["session_destroyed"])
         self.services = Services(config, self.messaging, sessions, self.encoder, self.lifecycle)
@@ -163,9 +169,13 @@ class Runtime:
            notification, and new requests get ``SHUTTING_DOWN`` (answers to server requests and
            ``cancel`` still go through).
         2. Running handlers and engine commands get ``drain_timeout`` seconds to finish.
-        3. Pending server requests fail with ``ServerShuttingDown``; every connection is closed with
-           1001 after its queued frames; cleanup stops engines (each within ``engine_stop_timeout``).
-        4. Connections still open after ``shutdown_timeout`` are abandoned (logged).
+        3. Pending server requests fail with ``ServerShuttingDown`` (each client is told to drop the
+           question) and requests still running are cancelled; for up to ``SETTLE_TIMEOUT`` their
+           answers (``engine_command_res``, ``CANCELLED``) get queued; then every connection is closed
+           with 1001 after its queued frames; cleanup stops engines (each within ``engine_stop_timeout``).
+        4. Connections still open after ``shutdown_timeout`` are cut off (closed without flushing).
+
+        So it takes at most ``drain_timeout + SETTLE_TIMEOUT + shutdown_timeout`` seconds.
         """
         if not self.lifecycle.begin_draining():
             await self.lifecycle.wait_stopped()
@@ -184,12 +194,19 @@ class Runtime:
             logger.warning("drain period over with %d request(s) still running; they are cancelled", busy)
         for connection in self.hub:
             connection.fail_pending(ServerShuttingDown)
+            for scope in connection.in_flight.values():
+                scope.cancel()
+        with anyio.move_on_after(SETTLE_TIMEOUT):  # the answers of what was just failed or cancelled
+            await self.watch.wait_for(lambda: not any(c.in_flight for c in self.hub), SETTLE_TIMEOUT * 2)
+        for connection in self.hub:
             connection.close(WS_GOING_AWAY, "server shutting down", flush=True)
         with anyio.move_on_after(self.config.shutdown_timeout) as closing:
             await self.hub.wait_empty()
         if closing.cancelled_caught:
-            logger.error("%d connection(s) still open after %.1fs of shutdown; abandoned", len(self.hub),
+            logger.error("%d connection(s) still open after %.1fs of shutdown; cut off", len(self.hub),
                          self.config.shutdown_timeout)
+            for connection in self.hub:
+                connection.close(WS_GOING_AWAY, "server shutting down")
         self.lifecycle.stop()
 
     async def _shut_down_on_signal(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED

@@ -50,6 +50,35 @@ class RateLimiter:
         self.strikes = TokenBucket(1.0, strikes)
 
 
+class SharedBuckets:
+    """One token bucket per key (an authenticated user), shared by all of the key's connections and
+    forgotten with the last of them."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._buckets: dict[str, tuple[TokenBucket, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def acquire(self, key: str) -> TokenBucket:
+        """The key's bucket, counting one more holder."""
+        bucket, holders = self._buckets.get(key) or (TokenBucket(self.rate, self.burst), 0)
+        self._buckets[key] = (bucket, holders + 1)
+        return bucket
+
+    def release(self, key: str) -> None:
+        """One holder fewer; the bucket goes with its last holder."""
+        entry = self._buckets.get(key)
+        if entry is None:
+            return
+        if entry[1] <= 1:
+            del self._buckets[key]
+        else:
+            self._buckets[key] = (entry[0], entry[1] - 1)
+
+
 def resolve_client_ip(scope: Scope, trusted_proxies: Sequence[IPNetwork]) -> str | None:
     """The client's address: the peer, or — only when the peer is a trusted proxy — the right-most
     address in ``X-Forwarded-For`` that is not itself a trusted proxy."""

@@ -26,7 +26,8 @@ class SessionManager:
     """Creates and destroys the sessions of one app, in the order the protocol promises."""
 
     def __init__(self, store: SessionStore, engines: EngineManager, hub: Hub, *, encoder: FrameEncoder,
-                 audit: AuditLog, max_per_connection: int, callback_timeout: float,
+                 audit: AuditLog, max_per_connection: int, callback_timeout: float, max_per_ip: int = 0,
+                 max_per_user: int = 0,
                  on_created: Sequence[SessionCallback] = (), on_destroyed: Sequence[SessionCallback] = ()) -> None:
         self.store = store
         self.engines = engines
@@ -34,6 +35,10 @@ class SessionManager:
         self._encoder = encoder
         self._audit = audit
         self._max_per_connection = max_per_connection
+        self._caps = {"ip": max_per_ip, "user": max_per_user}
+        self._held: dict[tuple[str, str], int] = {}
+        """Sessions held per (``ip`` | ``user``, address or user id)."""
+        self._holders: dict[str, list[tuple[str, str]]] = {}
         self._callback_timeout = callback_timeout
         self._on_created = on_created
         self._on_destroyed = on_destroyed
@@ -42,12 +47,20 @@ class SessionManager:
         """Create a session owned by ``connection`` and run ``session_created`` callbacks."""
         limit = self._max_per_connection
         if len(connection.session_ids) >= limit:
-            self._audit("limit_hit", level=logging.WARNING, limit="sessions_per_connection", app_id=connection.app_id,
-                        user_id=connection.user_id)
-            raise ProtocolError(ErrorCode.SESSION_LIMIT_REACHED, f"a connection may hold at most {limit} sessions",
-                                {"max_sessions_per_connection": limit})
+            self._refuse(connection, "sessions_per_connection", f"a connection may hold at most {limit} sessions",
+                         limit)
+        keys = [(kind, value) for kind, value in (("ip", connection.client_ip), ("user", connection.user_id))
+                if value is not None and self._caps[kind]]
+        for kind, value in keys:
+            cap = self._caps[kind]
+            if self._held.get((kind, value), 0) >= cap:
+                who = "one client address" if kind == "ip" else "one user"
+                self._refuse(connection, f"sessions_per_{kind}", f"{who} may hold at most {cap} sessions", cap)
         session = self.store.create(connection.app_id)
         connection.session_ids.add(session.session_id)
+        for key in keys:
+            self._held[key] = self._held.get(key, 0) + 1
+        self._holders[session.session_id] = keys
         await run_callbacks(self._on_created, session, timeout=self._callback_timeout, log=logger)
         return session
 
@@ -58,6 +71,12 @@ class SessionManager:
         """
         if self.store.remove(session.session_id) is None:
             return
+        for key in self._holders.pop(session.session_id, ()):
+            remaining = self._held[key] - 1
+            if remaining:
+                self._held[key] = remaining
+            else:
+                del self._held[key]
         connection = self._hub.get(session.app_id)
         if connection is not None:
             connection.session_ids.discard(session.session_id)
@@ -68,6 +87,11 @@ class SessionManager:
             await run_callbacks(self._on_destroyed, session, timeout=self._callback_timeout, log=logger)
         logger.info("session %s destroyed (%s)", session.session_id, reason,
                     extra={"app_id": session.app_id, "session_id": session.session_id})
+
+    def _refuse(self, connection: Connection, limit: str, message: str, cap: int) -> None:
+        self._audit("limit_hit", level=logging.WARNING, limit=limit, app_id=connection.app_id,
+                    user_id=connection.user_id, client_ip=connection.client_ip)
+        raise ProtocolError(ErrorCode.SESSION_LIMIT_REACHED, message, {f"max_{limit}": cap})
 
     async def release(self, connection: Connection) -> None:
         """Destroy every session ``connection`` owns: their engines stop concurrently, then the

@@ -29,7 +29,7 @@ class EngineManager:
 
     def __init__(self, factories: Mapping[str, EngineFactory], *, encoder: FrameEncoder, messaging: MessagingAPI,
                  metrics: Metrics | None, start_timeout: float, stop_timeout: float,
-                 max_inflight_requests: int, on_change: Callable[[], None] = lambda: None) -> None:
+                 max_inflight_requests: int, max_inflight_bytes: int = 0, on_change: Callable[[], None] = lambda: None) -> None:
         self._factories = factories
         self._encoder = encoder
         self._messaging = messaging
@@ -37,6 +37,7 @@ class EngineManager:
         self._start_timeout = start_timeout
         self._stop_timeout = stop_timeout
         self._max_inflight = max_inflight_requests
+        self._max_inflight_bytes = max_inflight_bytes
         self._engines: dict[str, EngineHandle] = {}
         self._on_change = on_change
 
@@ -136,10 +137,16 @@ class EngineManager:
         return CommandWorker(handle, connection, encoder=self._encoder, messaging=self._messaging,
                              metrics=self._metrics)
 
-    def submit(self, connection: Connection, session_id: str, message_id: str, command: object) -> None:
-        """Queue a command for the session's engine (in arrival order; it may still be starting)."""
+    def submit(self, connection: Connection, session_id: str, message_id: str, command: object,
+               cost: int = 0) -> None:
+        """Queue a command for the session's engine (in arrival order; it may still be starting).
+
+        The command counts against the connection's requests in flight (``max_inflight_requests``) and
+        the bytes they hold (``max_inflight_bytes``, with ``cost`` its estimated decoded size) until it
+        is answered: that is what bounds the queue.
+        """
         handle = self.live(session_id)
-        scope = connection.begin_request(message_id, self._max_inflight)
+        scope = connection.begin_request(message_id, self._max_inflight, cost, self._max_inflight_bytes)
         handle.submit(QueuedCommand(message_id, command, scope))
 
     async def stop(self, session_id: str, reason: str, *, forget: bool = True) -> EngineHandle | None:

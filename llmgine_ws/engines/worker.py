@@ -15,7 +15,7 @@ import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ..connection import Connection
-from ..errors import AppDisconnected, ProtocolError
+from ..errors import AppDisconnected, ProtocolError, ServerRequestTimeout, ServerShuttingDown
 from ..messaging import MessagingAPI
 from ..metrics import Metrics
 from ..protocol import EngineCommandResData, EngineInfo, FrameEncoder, utcnow
@@ -112,8 +112,11 @@ class EngineHandle:
             return  # the create_engine starting it stops it as soon as its factory or start() returns
         with anyio.CancelScope(shield=True):
             if self.worker_started:
-                with anyio.move_on_after(timeout):
+                with anyio.move_on_after(timeout) as waiting:
                     await self.worker_done.wait()
+                if waiting.cancelled_caught:  # e.g. a command blocked in a thread: it cannot be cancelled
+                    logger.error("engine %s (%s): its command did not stop within %.1fs; abandoned", self.engine_id,
+                                 self.engine_type, timeout, extra={"session_id": self.session_id})
             if self.engine is not None:
                 with anyio.move_on_after(timeout) as scope, contained(
                         logger, "engine %s (%s) failed to stop cleanly", self.engine_id, self.engine_type,
@@ -194,6 +197,12 @@ class CommandWorker:
                         result = await engine.handle_command(queued.command, ctx)
                     except ProtocolError as exc:  # the engine's own message for the client
                         failure = exc.message
+                    except (ServerRequestTimeout, ServerShuttingDown) as exc:  # expected: no traceback
+                        failure = ("the user did not answer in time" if isinstance(exc, ServerRequestTimeout)
+                                   else "the server is shutting down")
+                        logger.info("engine %s (%s): command %s ended: %s", handle.engine_id, handle.engine_type,
+                                    queued.message_id, failure,
+                                    extra={"app_id": connection.app_id, "message_id": queued.message_id})
                     except AppDisconnected:
                         if not connection.closing:
                             raise  # another app went away and the engine did not handle it
