@@ -50,10 +50,12 @@ def ping(data: PingData, ctx: HandlerContext) -> PingResData:
 
 
 async def create_session(data: CreateSessionData, ctx: HandlerContext) -> CreateSessionResData:
-    """``create_session`` → ``create_session_res``; only for the connection's own app_id."""
-    if data.app_id is not None and data.app_id != ctx.app_id:
-        raise ProtocolError(ErrorCode.FORBIDDEN, "a connection may only create sessions for its own app_id",
-                            {"app_id": data.app_id})
+    """``create_session`` → ``create_session_res``: the session belongs to the calling connection.
+
+    ``app_id`` is accepted and ignored (seed frontends send their own name for it): refusing a
+    foreign one would tell the caller whether such an app exists, and obeying it would hand one
+    app's sessions to another.
+    """
     session = await ctx.runtime.create_session(ctx.connection)
     return CreateSessionResData(session_id=session.session_id)
 

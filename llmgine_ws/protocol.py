@@ -60,7 +60,7 @@ class PingData(msgspec.Struct, frozen=True):
 
 
 class CreateSessionData(msgspec.Struct, frozen=True):
-    """``create_session``: ``app_id`` is optional; when given it must be the connection's own."""
+    """``create_session``: ``app_id`` is optional and ignored; the session belongs to the calling connection."""
 
     app_id: str | None = None
 
