@@ -32,7 +32,9 @@ class RateLimitBackoff:
     def refused(self, retry_after: float) -> None:
         """The server refused a frame and asked to wait ``retry_after`` seconds."""
         delay = min(max(retry_after, 0.0), _MAX_WAIT)
-        self._interval = delay
+        # retry_after is the time to the server's next token: the longest one seen while backing off
+        # is the best estimate of the time between tokens, so that is how far apart senders go.
+        self._interval = max(self._interval, delay) if self.waiting else delay
         self._not_before = max(self._not_before, anyio.current_time() + delay)
 
     @property
