@@ -19,7 +19,8 @@ every message the server sent before the response have run. See ``docs/python-cl
 Modules, bottom up: :mod:`.errors`, :mod:`.messages` (the envelope), :mod:`.transport` (one
 WebSocket over anyio + wsproto), :mod:`.handshake` (TCP/TLS and the HTTP upgrade), :mod:`.backoff`
 (``RATE_LIMITED``), :mod:`.inbox`, :mod:`.handlers` (server requests), :mod:`.engines` (commands,
-``ask_user``/``confirm`` answers), :mod:`.connection` (:class:`Client`, :func:`connect`).
+``ask_user``/``confirm`` answers), :mod:`.delivery` (where each incoming message goes, in order),
+:mod:`.connection` (:class:`Client`, :func:`connect`).
 """
 
 from .connection import Client, connect

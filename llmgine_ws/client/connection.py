@@ -1,42 +1,28 @@
-"""The client: requests matched to their responses, handlers for what the server sends, engine
-helpers, all delivered in wire order.
+"""The client: :class:`Client` (requests, handlers, engine helpers) and :func:`connect`.
 
-Concurrency model: :func:`connect` owns an anyio task group holding
-
-* the transport's writer (the only task writing the socket) and a **reader** (the only task reading
-  it): the reader answers ``server_ping`` at once and queues every other message, in arrival order,
-  on a bounded queue (``max_queue`` messages; when it is full the reader stops reading and TCP
-  pushes back on the server);
-* one **delivery** task that takes the queue in order: it hands responses to the requests waiting
-  for them, feeds commands their events, starts server-request handlers, runs ``on_message`` /
-  ``on_notification`` handlers (one at a time, awaited) and puts the rest in the inbox of
-  :meth:`Client.receive`. Because one task does all of it, a request's response never overtakes the
-  events and notifications sent before it: when ``await client.request(...)`` returns, every handler
-  for the frames before the response has run;
-* one task per running server-request handler, so a slow dialog never blocks delivery.
-
-A request made from *inside* a message handler is answered by the reader directly (the delivery task
-is busy running that very handler and cannot hand it the response); the same goes for a command
-started there. Everything else about a request (its pending entry, its handlers) lives on the
-:class:`Client`, not on the socket, so the transport can be replaced under a live client.
+Concurrency model: :func:`connect` owns an anyio task group holding the transport's writer (the only
+task writing the socket), a **reader** (the only task reading it: it answers ``server_ping`` at once
+and queues every other message, in arrival order, on a queue of at most ``max_queue`` messages —
+when it is full the reader stops reading and TCP pushes back on the server), one **delivery** task
+that takes the queue in order (see :mod:`.delivery`: this is what keeps a response from overtaking
+the messages before it), and one task per running server-request handler.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
 
-from .backoff import RateLimitBackoff, retry_after_of
+from .backoff import RateLimitBackoff
+from .delivery import Delivery
 from .engines import (
     Command,
     ConfirmationHandler,
@@ -46,9 +32,8 @@ from .engines import (
     user_input_handler,
 )
 from .errors import ClientError, ConnectionClosed, RequestError, RequestTimeout
-from .handlers import MessageHandler, ServerRequestHandler, ServerRequestRunner, request_type_of
+from .handlers import MessageHandler, ServerRequestHandler
 from .handshake import Headers, open_transport
-from .inbox import Inbox
 from .messages import Message, MessageCodec, new_message_id
 from .transport import Transport
 
@@ -60,37 +45,6 @@ _SRH = TypeVar("_SRH", bound=ServerRequestHandler)
 _MH = TypeVar("_MH", bound=MessageHandler)
 _UIH = TypeVar("_UIH", bound=UserInputHandler)
 _CH = TypeVar("_CH", bound=ConfirmationHandler)
-
-_ABANDONED_LIMIT = 1000
-"""How many abandoned commands are remembered (their late frames are then dropped quietly)."""
-
-
-class _Waiter:
-    """A request waiting for its response."""
-
-    __slots__ = ("event", "response")
-
-    def __init__(self) -> None:
-        self.event = anyio.Event()
-        self.response: Message | None = None
-
-    def resolve(self, response: Message | None) -> None:
-        self.response = response
-        self.event.set()
-
-
-class _HandlerCall:
-    """Marks a running message handler: requests it makes are answered by the reader directly."""
-
-    __slots__ = ("active", "client")
-
-    def __init__(self, client: Client) -> None:
-        self.client = client
-        self.active = True
-
-
-_running_handler: ContextVar[_HandlerCall | None] = ContextVar("llmgine_ws_client_handler", default=None)
-
 
 class Client:
     """A connected llmgine_ws client. Obtain one with :func:`connect`; do not instantiate directly.
@@ -124,19 +78,10 @@ class Client:
         self._max_queue = max(1, max_queue)
         self._codec = MessageCodec()
         self._backoff = RateLimitBackoff()
-        self._inbox = Inbox(inbox_limit)
         self._queue_in, self._queue_out = anyio.create_memory_object_stream[Message](self._max_queue)
         self._connected = anyio.Event()
         self._connected_or_closed = anyio.Event()
-        self._finished = False
-
-        self._pending: dict[str, _Waiter] = {}
-        self._commands: dict[str, Command] = {}
-        self._abandoned: dict[str, None] = {}
-        self._direct: set[str] = set()
-        self._message_handlers: dict[str, list[MessageHandler]] = {}
-        self._request_handlers: dict[str, ServerRequestHandler] = {}
-        self._server_requests = ServerRequestRunner(task_group, self._respond)
+        self._delivery = Delivery(task_group, self._respond, inbox_limit=inbox_limit, on_refused=self._refused)
 
     def __repr__(self) -> str:
         state = f"closed code={self.close_code}" if self.closed else "open"
@@ -204,10 +149,9 @@ class Client:
         """
         mid = message_id if message_id is not None else new_message_id()
         text = self._codec.encode(type, mid, data).decode()
-        if mid in self._pending or mid in self._commands:
+        if self._delivery.in_use(mid):
             raise ValueError(f"message_id {mid!r} is already used by a pending request")
         self._raise_if_closed()
-        direct = self._in_handler()
         refusals = 0
         refused: RequestError | None = None
         response: Message | None = None
@@ -216,16 +160,12 @@ class Client:
                 response = None
                 await self._backoff.wait()
                 self._raise_if_closed()
-                waiter = self._pending[mid] = _Waiter()
-                if direct:
-                    self._direct.add(mid)
+                waiter = self._delivery.expect(mid)
                 try:
                     await self._transport.send_text(text)
                     await waiter.event.wait()
                 finally:
-                    if self._pending.get(mid) is waiter:
-                        del self._pending[mid]
-                    self._direct.discard(mid)
+                    self._delivery.forget(mid, waiter)
                 response = waiter.response
                 if response is None or response.type != "error":
                     break
@@ -234,7 +174,7 @@ class Client:
                     raise refused
                 refusals += 1  # the delivery task already told the back-off how long to wait
         if response is None:
-            if self.closed or self._finished:
+            if self.closed or self._delivery.finished:
                 raise self._transport.closed_error()
             if refused is not None:
                 raise refused  # still backing off when the time ran out
@@ -323,20 +263,18 @@ class Client:
         """
         mid = message_id if message_id is not None else new_message_id()
         frame = self._codec.encode("engine_command", mid, {"session_id": session_id, "command": command}).decode()
-        if mid in self._pending or mid in self._commands:
+        if self._delivery.in_use(mid):
             raise ValueError(f"message_id {mid!r} is already used by a pending request")
         self._raise_if_closed()
         run = Command(self, session_id, mid, frame, self._max_queue)
-        self._commands[mid] = run
-        if self._in_handler():
-            self._direct.add(mid)
+        self._delivery.track(run)
         if self._backoff.waiting:
             run.send_later()  # its first read sends it, once the back-off allows
             return run
         try:
             self._transport.send_text_soon(frame)
         except ConnectionClosed:
-            self._forget_command(mid)
+            self._delivery.untrack(mid)
             raise
         return run
 
@@ -354,26 +292,19 @@ class Client:
         """Send a command's frame again once the rate-limit back-off allows (used by :class:`Command`)."""
         await self._backoff.wait()
         self._raise_if_closed()
-        self._commands[command.message_id] = command
+        self._delivery.track(command)
         await self._transport.send_text(command.frame)
 
     def abandon(self, command: Command) -> None:
         """Forget a command nobody reads any more and ask the server to cancel it (used by :class:`Command`)."""
         mid = command.message_id
-        if self._commands.get(mid) is not command:
+        if self._delivery.commands.get(mid) is not command:
             return
-        self._forget_command(mid)
-        self._abandoned[mid] = None
-        if len(self._abandoned) > _ABANDONED_LIMIT:
-            del self._abandoned[next(iter(self._abandoned))]
+        self._delivery.drop(mid)
         cancel_id = new_message_id()
-        self._abandoned[cancel_id] = None  # its cancel_res is not for anyone either
+        self._delivery.drop(cancel_id)  # its cancel_res is not for anyone either
         with contextlib.suppress(ConnectionClosed):
             self._transport.send_text_soon(self._codec.encode("cancel", cancel_id, {"target_message_id": mid}).decode())
-
-    def _forget_command(self, message_id: str) -> None:
-        self._commands.pop(message_id, None)
-        self._direct.discard(message_id)
 
     # ---------------------------------------------------------------- receiving
 
@@ -395,7 +326,7 @@ class Client:
             ConnectionClosed: the connection is closed and the inbox is empty.
             RequestTimeout: nothing arrived in time.
         """
-        return await self._inbox.receive(timeout)
+        return await self._delivery.inbox.receive(timeout)
 
     # ---------------------------------------------------------------- handlers
 
@@ -418,7 +349,7 @@ class Client:
         """
 
         def register(handler: _SRH) -> _SRH:
-            self._request_handlers[request_type] = handler
+            self._delivery.request_handlers[request_type] = handler
             return handler
 
         return register
@@ -430,7 +361,7 @@ class Client:
         ``command_id``, ``extra``) and returns the user's text; the client answers
         ``{"response_type": "user_input", "user_input": text}``.
         """
-        self._request_handlers["user_input"] = user_input_handler(handler)
+        self._delivery.request_handlers["user_input"] = user_input_handler(handler)
         return handler
 
     def on_confirmation(self, handler: _CH) -> _CH:
@@ -441,7 +372,7 @@ class Client:
         ``{"response_type": "user_confirmation", "selection": option}``. Returning anything else is
         answered as an error (the engine's ``confirm`` raises).
         """
-        self._request_handlers["user_confirmation"] = confirmation_handler(handler)
+        self._delivery.request_handlers["user_confirmation"] = confirmation_handler(handler)
         return handler
 
     def on_notification(self, handler: _MH) -> _MH:
@@ -464,7 +395,7 @@ class Client:
         """
 
         def register(handler: _MH) -> _MH:
-            self._message_handlers.setdefault(type, []).append(handler)
+            self._delivery.message_handlers.setdefault(type, []).append(handler)
             return handler
 
         return register
@@ -553,112 +484,22 @@ class Client:
             self._respond_soon("server_pong", message.message_id,
                                {"timestamp": timestamp, "server_timestamp": datetime.now(UTC).isoformat()})
             return True
-        if self._direct and self._direct_target(message) in self._direct:
-            self._settle(message)
-            return True
-        return False
+        return self._delivery.deliver_now(message)
 
     async def _deliver(self) -> None:
         """The delivery task: every queued message, in order, to whoever consumes it."""
         async with self._queue_out:
             async for message in self._queue_out:
-                if not self._settle(message):
-                    await self._dispatch(message)
+                if not self._delivery.settle(message):
+                    await self._delivery.dispatch(message)
         self._finish()
 
     def _finish(self) -> None:
-        """The connection is over and every message before its end was delivered: fail what waits."""
-        if self._finished:
-            return
-        self._finished = True
-        for waiter in self._pending.values():
-            waiter.resolve(None)
-        self._pending.clear()
-        error = self._transport.closed_error()
-        for command in self._commands.values():
-            command.fail(error)
-        self._commands.clear()
-        self._inbox.close(self._transport.closed_error)
+        self._delivery.finish(self._transport.closed_error)
 
-    # ---------------------------------------------------------------- internals: routing
-
-    @staticmethod
-    def _direct_target(message: Message) -> str | None:
-        """The request or command a message answers: its message_id, or an event's command_id."""
-        if message.server_initiated:
-            data = message.data
-            command_id = data.get("command_id") if message.type == "engine_event" and isinstance(data, dict) else None
-            return command_id if isinstance(command_id, str) else None
-        return message.message_id
-
-    def _settle(self, message: Message) -> bool:
-        """Hand a response to its request or command (or drop it if abandoned); ``True`` if it was one."""
-        if message.type == "error":
-            retry_after = retry_after_of(message.data)
-            if retry_after is not None and self.rate_limit_retries > 0:
-                self._backoff.refused(retry_after)
-        if message.server_initiated:
-            if message.type != "engine_event":
-                return False
-            command_id = self._direct_target(message)
-            if command_id is None:
-                return False
-            command = self._commands.get(command_id)
-            if command is not None:
-                command.feed(message)
-                return True
-            return command_id in self._abandoned
-        mid = message.message_id
-        waiter = self._pending.pop(mid, None)
-        if waiter is not None:
-            waiter.resolve(message)
-            return True
-        command = self._commands.get(mid)
-        if command is not None:
-            if message.type in ("engine_command_res", "error"):
-                self._forget_command(mid)  # a refused command registers again when it is sent again
-            command.feed(message)
-            return True
-        if mid in self._abandoned:
-            if message.type in ("engine_command_res", "error", "cancel_res"):
-                del self._abandoned[mid]
-            return True
-        return False
-
-    async def _dispatch(self, message: Message) -> None:
-        request_type = request_type_of(message, self._request_handlers)
-        if request_type is not None:
-            self._server_requests.start(message, request_type, self._request_handlers.get(request_type))
-            return
-        if message.type == "server_request_cancelled" and message.server_initiated:
-            data = message.data
-            target = data.get("message_id") if isinstance(data, dict) else None
-            if isinstance(target, str):
-                self._server_requests.withdraw(target)  # the notice itself flows on below
-        handlers = self._message_handlers.get(message.type)
-        if handlers:
-            await self._run_handlers(handlers, message)
-        else:
-            self._inbox.push(message)
-
-    async def _run_handlers(self, handlers: list[MessageHandler], message: Message) -> None:
-        call = _HandlerCall(self)
-        token = _running_handler.set(call)
-        try:
-            for handler in list(handlers):
-                try:
-                    result = handler(message)
-                    if inspect.isawaitable(result):
-                        await result
-                except Exception:
-                    _log.exception("handler for %r messages failed", message.type)
-        finally:
-            call.active = False
-            _running_handler.reset(token)
-
-    def _in_handler(self) -> bool:
-        call = _running_handler.get()
-        return call is not None and call.client is self and call.active
+    def _refused(self, retry_after: float) -> None:
+        if self.rate_limit_retries > 0:
+            self._backoff.refused(retry_after)
 
     # ---------------------------------------------------------------- internals: writing
 
@@ -671,7 +512,7 @@ class Client:
             self._transport.send_text_soon(self._codec.encode(type, message_id, data).decode())
 
     def _raise_if_closed(self) -> None:
-        if self._transport.closed or self._finished:
+        if self._transport.closed or self._delivery.finished:
             raise self._transport.closed_error()
 
 
