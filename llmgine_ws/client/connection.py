@@ -431,6 +431,10 @@ class Client:
     def _start(self) -> None:
         self._task_group.start_soon(self._transport.run_writer)
         self._task_group.start_soon(self._read)
+
+    def _start_delivery(self) -> None:
+        # Started just before connect() hands the client over: handlers registered at the top of the
+        # `async with` block (before its first await) see every message, the first notification too.
         self._task_group.start_soon(self._deliver)
 
     async def _await_connected(self, deadline: float) -> None:
@@ -586,6 +590,7 @@ async def connect(
         try:
             if wait_connected:
                 await client._await_connected(deadline)
+            client._start_delivery()
             yield client
         except Exception as exc:
             # Re-raised below, outside the task group, so that callers see their own exception
