@@ -342,3 +342,19 @@ async def test_requests_back_off_on_rate_limited(make_app: Callable[..., Starlet
                     tg.start_soon(unprotected, i)
             assert errors and {error.code for error in errors} == {"RATE_LIMITED"}
             assert all(error.details["retry_after"] > 0 for error in errors)
+
+
+async def test_commands_refused_with_rate_limited_are_sent_again(make_app: Callable[..., Starlette]) -> None:
+    extensions = Extensions()
+    extensions.register_engine("worker", Worker)
+    async with serve_any(make_app(extensions, rate_limit=20, rate_burst=5, rate_limit_strikes=30)) as server, \
+            connect(server.ws_url) as client:
+        sessions = [await client.create_session() for _ in range(2)]
+        for session_id in sessions:
+            await client.create_engine(session_id, "worker")
+        # Sent at once, past the burst: most are refused, and each is sent again when its turn comes.
+        commands = [client.command(sessions[i % 2], {"kind": "burst", "n": 3}) for i in range(10)]
+        with anyio.fail_after(20):
+            results = [await command.wait() for command in commands]
+        assert [result.status for result in results] == ["completed"] * 10
+        assert not client.closed
