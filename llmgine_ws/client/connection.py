@@ -288,14 +288,14 @@ class Client:
         response = await self.request("cancel", {"target_message_id": message_id})
         return bool(response.data.get("cancelled")) if isinstance(response.data, dict) else False
 
-    async def resend(self, command: Command) -> None:
+    async def _resend_command(self, command: Command) -> None:
         """Send a command's frame again once the rate-limit back-off allows (used by :class:`Command`)."""
         await self._backoff.wait()
         self._raise_if_closed()
         self._delivery.track(command)
         await self._transport.send_text(command.frame)
 
-    def abandon(self, command: Command) -> None:
+    def _abandon_command(self, command: Command) -> None:
         """Forget a command nobody reads any more and ask the server to cancel it (used by :class:`Command`)."""
         mid = command.message_id
         if self._delivery.commands.get(mid) is not command:

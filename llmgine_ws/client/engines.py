@@ -71,10 +71,10 @@ class CommandHost(Protocol):
 
     rate_limit_retries: int
 
-    async def resend(self, command: Command) -> None:
+    async def _resend_command(self, command: Command) -> None:
         """Send the command's frame again (after a ``RATE_LIMITED`` refusal), backing off first."""
 
-    def abandon(self, command: Command) -> None:
+    def _abandon_command(self, command: Command) -> None:
         """Stop routing the command's frames to it, and ask the server to cancel it."""
 
     async def cancel(self, message_id: str) -> bool:
@@ -131,7 +131,7 @@ class Command:
         if len(self._frames) >= self._limit:
             self.fail(ClientError(f"command {self.message_id}: more than {self._limit} events were waiting to be "
                                   "read; it was cancelled (read its events as they come, or raise max_queue)"))
-            self._host.abandon(self)
+            self._host._abandon_command(self)
             return
         self._frames.append(message)
         self._wake()
@@ -158,7 +158,7 @@ class Command:
     async def __anext__(self) -> EngineEvent:
         if self._unsent:
             self._unsent = False
-            await self._host.resend(self)
+            await self._host._resend_command(self)
         while not self._finished:
             if not self._frames:
                 if self._failure is not None:
@@ -172,7 +172,7 @@ class Command:
             if message.type == "error":
                 if retry_after_of(message.data) is not None and self._refusals < self._host.rate_limit_retries:
                     self._refusals += 1
-                    await self._host.resend(self)
+                    await self._host._resend_command(self)
                     continue
                 self._finished = True
                 raise RequestError.from_response(message)
@@ -205,7 +205,7 @@ class Command:
                         tb: TracebackType | None) -> None:
         if self.result is None and self._failure is None:
             self.fail(ClientError(f"command {self.message_id} was left before it ended"))
-            self._host.abandon(self)
+            self._host._abandon_command(self)
 
 
 _T = TypeVar("_T")
