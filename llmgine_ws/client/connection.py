@@ -46,6 +46,7 @@ _MH = TypeVar("_MH", bound=MessageHandler)
 _UIH = TypeVar("_UIH", bound=UserInputHandler)
 _CH = TypeVar("_CH", bound=ConfirmationHandler)
 
+
 class Client:
     """A connected llmgine_ws client. Obtain one with :func:`connect`; do not instantiate directly.
 
