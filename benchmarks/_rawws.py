@@ -6,6 +6,7 @@ connection; with 3,000 of them in one load-generator process that cost would dom
 measured. Here a connection is one protocol object: frames are parsed in ``data_received`` and each
 text message is handed to a callback (or an in-memory list). Text frames only, no fragmentation,
 no extensions (both servers run with per-message deflate off), which is all the benchmarks need.
+Frames are made by ``tests/rawws.py``'s ``build_frame``, the repository's one hand-made frame builder.
 A connection can also *stall*: stop reading (``pause_reading``) with a small receive buffer, so the
 server's outbound side fills up exactly as it would for a client that stops reading.
 """
@@ -21,30 +22,15 @@ from typing import Any
 
 import msgspec
 
+from tests.rawws import OP_CLOSE, OP_TEXT, build_frame, close_payload
+
 _decode = msgspec.json.decode
 _encode = msgspec.json.encode
 
 
-def _mask(payload: bytes) -> bytes:
-    key = os.urandom(4)
-    n = len(payload)
-    masked = (int.from_bytes(payload, "big") ^ int.from_bytes((key * (n // 4 + 1))[:n], "big")).to_bytes(n, "big")
-    return key + masked
-
-
 def text_frame(payload: bytes) -> bytes:
     """One masked, final text frame."""
-    n = len(payload)
-    if n < 126:
-        header = bytes((0x81, 0x80 | n))
-    elif n < 1 << 16:
-        header = bytes((0x81, 0x80 | 126)) + n.to_bytes(2, "big")
-    else:
-        header = bytes((0x81, 0x80 | 127)) + n.to_bytes(8, "big")
-    return header + (_mask(payload) if n else os.urandom(4))
-
-
-CLOSE_FRAME = bytes((0x88, 0x82)) + _mask((1000).to_bytes(2, "big"))
+    return build_frame(OP_TEXT, payload)
 
 
 class RawWS(asyncio.Protocol):
@@ -159,7 +145,7 @@ class RawWS(asyncio.Protocol):
     async def close(self, timeout: float = 5.0) -> None:
         """Send a close frame and wait (bounded) for the server to close the TCP connection."""
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(CLOSE_FRAME)
+            self.transport.write(build_frame(OP_CLOSE, close_payload(1000)))
         try:
             await asyncio.wait_for(asyncio.shield(self.closed), timeout)
         except TimeoutError:

@@ -5,8 +5,9 @@ Run the server first, then::
     python examples/chat_client.py                      # a scripted conversation
     python examples/chat_client.py --interactive        # type your own messages
 
-It creates a session and a ``chat`` engine, streams each reply token by token, answers the
-engine's confirmation and input requests, and shows notifications and the ``translate`` message.
+It creates a session and a ``chat`` engine, streams each reply token by token (``client.command``),
+answers the engine's confirmation and input requests (``on_confirmation``, ``on_user_input``), and
+shows notifications and the ``translate`` message.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+import msgspec
 
-from llmgine_ws.client import Client, Message, connect
+from llmgine_ws.client import Client, ConfirmationRequest, Message, UserInputRequest, connect
 
 SCRIPT = ["Hello there!", "What's the weather in Paris?", ""]
 
@@ -27,47 +29,41 @@ SCRIPT = ["Hello there!", "What's the weather in Paris?", ""]
 async def chat_turn(client: Client, session_id: str, text: str, out: Callable[[str], None]) -> dict[str, Any]:
     """Send one message to the engine and print the streamed reply; returns the command's result."""
     out(f"you   > {text}" if text else "you   > (an empty message: the engine will ask)")
-    message_id = await client.send("engine_command", {"session_id": session_id, "command": {"text": text}})
     tokens: list[str] = []
-    while True:
-        message = await client.receive(timeout=60)
-        if message.type == "engine_event":
-            payload = message.data["payload"]
-            if message.data["event_type"] == "token":
-                tokens.append(payload["text"])
-            else:
-                out(f"engine * {message.data['event_type']}: {payload}")
-        elif message.type == "engine_command_res" and message.message_id == message_id:
-            out(f"engine< {''.join(tokens).strip()}")
-            result: dict[str, Any] = message.data
-            return result
-        elif message.type == "notification":
-            out(f"notice! {message.data.get('message')}")
+    command = client.command(session_id, {"text": text})
+    async for event in command:  # the command's events, in order, until its result
+        if event.event_type == "token":
+            tokens.append(event.payload["text"])
+        else:
+            out(f"engine * {event.event_type}: {event.payload}")
+    out(f"engine< {''.join(tokens).strip()}")
+    return msgspec.structs.asdict(command.result) if command.result is not None else {}
 
 
 async def run(url: str, messages: Sequence[str], *, answers: Callable[[Message], str] | None = None,
               out: Callable[[str], None] = print, token_delay: float = 0.03) -> list[dict[str, Any]]:
     """Hold a scripted conversation; returns each turn's ``engine_command_res`` data."""
-    async with connect(url, wait_connected=False) as client:
+    async with connect(url) as client:
 
-        @client.on_server_request("user_confirmation")
-        def confirm(message: Message) -> dict[str, Any]:
-            choice = answers(message) if answers else "yes"
-            out(f"engine? {message.data['message']} {message.data['options']} -> {choice}")
-            return {"selection": choice}
+        @client.on_confirmation
+        def confirm(request: ConfirmationRequest) -> str:
+            choice = answers(request.raw) if answers else "yes"
+            out(f"engine? {request.message} {request.options} -> {choice}")
+            return choice
 
-        @client.on_server_request("user_input")
-        def user_input(message: Message) -> dict[str, Any]:
-            text = answers(message) if answers else "the weather in Oslo"
-            out(f"engine? {message.data['prompt']} -> {text}")
-            return {"user_input": text}
+        @client.on_user_input
+        def user_input(request: UserInputRequest) -> str:
+            text = answers(request.raw) if answers else "the weather in Oslo"
+            out(f"engine? {request.prompt} -> {text}")
+            return text
 
-        welcome = await client.receive(timeout=10)  # "connected" comes first
-        assert welcome.type == "connected"
+        @client.on_notification
+        def notified(message: Message) -> None:
+            out(f"notice! {message.data.get('message')}")
+
         out(f"connected as app {client.app_id}")
         session_id = await client.create_session()
-        await client.request("create_engine", {"session_id": session_id, "engine_type": "chat",
-                                               "config": {"token_delay": token_delay}})
+        await client.create_engine(session_id, "chat", {"token_delay": token_delay})
         translated = await client.request("translate", {"text": "hello world", "target_language": "fr"})
         out(f"translate: hello world -> {translated.data['translated_text']}")
         results = [await chat_turn(client, session_id, text, out) for text in messages]
@@ -82,16 +78,22 @@ async def interactive(url: str) -> None:
 
     async with connect(url) as client:
 
-        @client.on_server_request("user_confirmation")
-        async def confirm(message: Message) -> dict[str, Any]:
-            return {"selection": await ask(f"{message.data['message']} {message.data['options']}: ")}
+        @client.on_confirmation
+        async def confirm(request: ConfirmationRequest) -> str:
+            while (choice := await ask(f"{request.message} {request.options}: ")) not in request.options:
+                print(f"please answer one of {request.options}")
+            return choice
 
-        @client.on_server_request("user_input")
-        async def user_input(message: Message) -> dict[str, Any]:
-            return {"user_input": await ask(f"{message.data['prompt']} ")}
+        @client.on_user_input
+        async def user_input(request: UserInputRequest) -> str:
+            return await ask(f"{request.prompt} ")
+
+        @client.on_notification
+        def notified(message: Message) -> None:
+            print(f"notice! {message.data.get('message')}")
 
         session_id = await client.create_session()
-        await client.request("create_engine", {"session_id": session_id, "engine_type": "chat"})
+        await client.create_engine(session_id, "chat")
         while True:
             try:
                 text = await ask("you> ")

@@ -1,8 +1,9 @@
 """The seed's ``custom_engine_example.py``, done right.
 
-A custom ``translate`` message with its own structs, a chat engine that streams its reply token by
-token (no external LLM needed), asks for confirmation before a (pretend) tool call and asks the
-user for more input when it needs it, a backend that notifies apps and asks them questions, and
+A custom ``translate`` message with its own structs, a custom server request (``pick_theme`` asks
+the client back with a message type of its own, ``ask_theme``), a chat engine that streams its reply
+token by token (no external LLM needed), asks for confirmation before a (pretend) tool call and asks
+the user for more input when it needs it, a backend that notifies apps and asks them questions, and
 connect/disconnect callbacks.
 
 Run it::
@@ -73,6 +74,38 @@ async def translate(data: TranslateRequest, ctx: HandlerContext) -> TranslateRes
                             {"supported": sorted(GLOSSARY)})
     translated = " ".join(words.get(word.lower(), word) for word in data.text.split())
     return TranslateResult(text=data.text, translated_text=translated, target_language=data.target_language)
+
+
+# ------------------------------------------------------------------ a custom server request: ask_theme
+
+
+class ThemeQuestion(msgspec.Struct, frozen=True):
+    """``ask_theme``: the server asks the client to pick one of ``options`` (answer ``{"theme": ...}``)."""
+
+    options: list[str]
+
+
+class PickTheme(msgspec.Struct, frozen=True):
+    """``{"type": "pick_theme", "data": {"options": [...]}}``"""
+
+    options: list[str] = msgspec.field(default_factory=lambda: ["light", "dark"])
+
+
+async def pick_theme(data: PickTheme, ctx: HandlerContext) -> dict[str, Any]:
+    """Asks the client back with a server request of its own message type, ``ask_theme``.
+
+    ``send_to_app_and_wait(app_id, "ask_theme", data)`` sends a frame of type ``ask_theme`` and waits
+    for the ``server_response`` with the same ``message_id``: the clients answer it with the handler
+    registered for that type (``client.on_server_request("ask_theme")``, ``onServerRequest("ask_theme", ...)``).
+    """
+    answer = await ctx.messaging.send_to_app_and_wait(ctx.app_id, "ask_theme", ThemeQuestion(options=data.options),
+                                                      timeout=30)
+    theme = answer.data.get("theme")
+    if theme not in data.options:
+        from llmgine_ws import ProtocolError
+
+        raise ProtocolError("INVALID_THEME", f"the client picked {theme!r}", {"options": data.options})
+    return {"theme": theme}
 
 
 # ------------------------------------------------------------------ an engine: a chat agent
@@ -151,6 +184,8 @@ def build_app(config: APIConfig | None = None) -> Any:
     """Wire everything into an app (a factory, so tests and ``--factory`` can build fresh ones)."""
     extensions = Extensions()
     extensions.register_handler("translate", TranslateRequest, translate)
+    extensions.register_handler("pick_theme", PickTheme, pick_theme)
+    extensions.register_server_message("ask_theme", ThemeQuestion)
     extensions.register_engine("chat", ChatEngine)
 
     async def on_connected(app_id: str) -> None:

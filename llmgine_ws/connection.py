@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskGroup
 
 from .audit import AuditLog
@@ -207,6 +208,9 @@ class Connection:
         allowed to lose frames silently. Raises :class:`AppDisconnected` if the frame cannot be queued.
         """
         if self.closing:
+            # The connection's tasks are being cancelled: let a cancellation still on its way land
+            # first, so the sender unwinds as cancelled rather than failed.
+            await anyio.lowlevel.checkpoint()
             raise AppDisconnected(self.app_id)
         size = len(frame)
         if self.outbox.put_nowait(frame, size):

@@ -12,7 +12,8 @@ import pytest
 from llmgine_ws import EngineContext, Extensions, Session
 from llmgine_ws.client import Client, connect
 
-from .support import RawWebSocket, serve, small_send_buffer_socket, wait_cleaned
+from .rawws import raw_connect
+from .support import serve, small_send_buffer_socket, wait_cleaned
 
 pytestmark = pytest.mark.anyio
 
@@ -39,9 +40,8 @@ async def test_broadcast_is_not_held_up_by_a_stalled_client(make_app: Any, caplo
 
 
 async def _broadcast_with_a_stalled_client(app: Any, sock: Any, rounds: int) -> None:
-    async with serve(app, sock=sock) as server:
+    async with serve(app, sock=sock) as server, raw_connect(server.ws_url) as stalled:
         runtime = server.runtime
-        stalled = await RawWebSocket.open(server.port)
         async with connect(server.ws_url, inbox_limit=rounds * 2) as a, \
                 connect(server.ws_url, inbox_limit=rounds * 2) as b, \
                 connect(server.ws_url, inbox_limit=rounds * 2) as c:
@@ -58,11 +58,10 @@ async def _broadcast_with_a_stalled_client(app: Any, sock: Any, rounds: int) -> 
             await wait_cleaned(stalled_connection, timeout=30)
             assert stalled_connection.close_code == 1013
             assert min(reached) >= 3
-        texts, code = await stalled.read_until_closed()
-        await stalled.aclose()
-    ticks = [json.loads(text)["data"]["n"] for text in texts if '"tick"' in text]
+        messages = await stalled.messages_until_close(timeout=10)
+    ticks = [message["data"]["n"] for message in messages if message["type"] == "tick"]
     assert ticks == list(range(len(ticks)))  # what it did get has no gap
-    assert code in (1013, None)
+    assert stalled.close_code in (1013, None)
 
 
 class Streamer:
@@ -103,8 +102,7 @@ async def test_engine_stream_to_a_stalled_client_closes_it_without_a_gap(make_ap
 
 
 async def _stream_to_a_stalled_client(app: Any, sock: Any) -> list[dict[str, Any]]:
-    async with serve(app, sock=sock) as server:
-        raw = await RawWebSocket.open(server.port)
+    async with serve(app, sock=sock) as server, raw_connect(server.ws_url) as raw:
         connection = next(iter(server.runtime.hub))
         await raw.send_text(json.dumps({"type": "create_session", "message_id": "c", "data": {}}))
         await server.eventually(lambda: bool(connection.session_ids))
@@ -117,10 +115,9 @@ async def _stream_to_a_stalled_client(app: Any, sock: Any) -> list[dict[str, Any
                                         "data": {"session_id": session_id, "command": {"n": 2000}}}))
         await wait_cleaned(connection, timeout=30)  # the client never read: the server gave up on it
         assert connection.close_code == 1013
-        texts, _ = await raw.read_until_closed()
-        await raw.aclose()
+        messages = await raw.messages_until_close(timeout=10)
         assert len(server.runtime.sessions) == 0
-    return [json.loads(text)["data"] for text in texts if '"engine_event"' in text]
+    return [message["data"] for message in messages if message["type"] == "engine_event"]
 
 
 async def test_a_slow_reader_slows_only_its_own_stream(make_app: Any, caplog: pytest.LogCaptureFixture) -> None:

@@ -59,6 +59,8 @@ from llmgine_ws.client import (
     connect,
 )
 
+from .rawws import send_raw, send_raw_text_bytes
+
 SUPPORTED_SUBPROTOCOLS = ("llmgine.v1",)
 WAIT = 5.0  # upper bound of any single wait in these tests
 
@@ -861,9 +863,9 @@ async def test_server_ping_without_auto_pong(url: str) -> None:
 async def test_raw_frames_both_ways(url: str, fake: FakeServer) -> None:
     async with connect(url) as client:
         rec = fake.connections[client.app_id]
-        await client.send_raw(b"\x00\x01\x02")
+        await send_raw(client, b"\x00\x01\x02")
         assert await rec.wait_received(lambda item: isinstance(item, bytes)) == b"\x00\x01\x02"
-        await client.send_raw("definitely { not json")
+        await send_raw(client, "definitely { not json")
         await rec.wait_received(lambda item: item == "definitely { not json")
 
         await client.request("send_binary")
@@ -976,7 +978,7 @@ async def test_invalid_utf8_text_frame_is_sent_verbatim() -> None:
 
     async with raw_server(script) as (url, errors), connect(url) as client:
         await client.send("hello")
-        await client.send_raw_text_bytes(b'{"type": "\xff\xfe"}')
+        await send_raw_text_bytes(client, b'{"type": "\xff\xfe"}')
         assert await client.wait_closed(timeout=WAIT) == 1007
         assert client.close_reason == "invalid utf-8"
     assert not errors

@@ -37,6 +37,7 @@ from llmgine_ws.client import Client, Message, RequestError, connect
 from llmgine_ws.connection import Connection
 from llmgine_ws.usercode import run_callbacks
 
+from .rawws import send_raw
 from .reliability_support import EMPTY, error_trap, registries, wait_registries_empty
 from .support import LiveServer, RawWebSocket, serve, small_send_buffer_socket, wait_cleaned
 
@@ -683,11 +684,11 @@ async def test_a_policy_close_reaches_the_client_before_slow_cleanup(make_app: A
     app = make_app(extensions, max_message_size=1024, rate_limit=1, rate_burst=2, rate_limit_strikes=1)
     expected = {"too_big": 1009, "rate_limit": 1008, "shutdown": 1001}[cause]
     with error_trap():
-        async with serve(app) as server, connect(server.ws_url) as client:
+        async with serve(app) as server, connect(server.ws_url, rate_limit_retries=0) as client:
             connection = own_connection(server, client)
             async with anyio.create_task_group() as tg:
                 if cause == "too_big":
-                    await client.send_raw('{"type": "ping", "message_id": "big", "data": {"timestamp": "%s"}}'
+                    await send_raw(client, '{"type": "ping", "message_id": "big", "data": {"timestamp": "%s"}}'
                                           % ("x" * 2000))
                 elif cause == "rate_limit":
                     for i in range(5):

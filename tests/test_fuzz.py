@@ -59,17 +59,8 @@ from llmgine_ws import APIConfig, EngineContext, ErrorCode, Extensions, HandlerC
 from llmgine_ws.client import Client, ConnectionClosed, Message, connect
 from llmgine_ws.runtime import Runtime
 
-from .reliability_support import (
-    OP_BINARY,
-    OP_CLOSE,
-    OP_CONTINUATION,
-    OP_PING,
-    OP_TEXT,
-    error_trap,
-    raw_connect,
-    registries,
-    wait_registries_empty,
-)
+from .rawws import OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_TEXT, raw_connect, send_raw, send_raw_text_bytes
+from .reliability_support import error_trap, registries, wait_registries_empty
 from .support import LiveServer, serve
 
 # ------------------------------------------------------------------------------------------ profiles
@@ -504,7 +495,7 @@ class Rig:
         errors_before = len(self.trap.records)
         rendered = [self._render(frame) for frame in frames]
         for payload in rendered:
-            await client.send_raw(payload)
+            await send_raw(client, payload)
         replies: list[Message] = []
         initiated: list[Message] = []
         with anyio.fail_after(10):
@@ -766,7 +757,7 @@ def test_wrong_types_in_every_field_of_every_message(rig: Rig) -> None:
         failures = []
         for message_type, what, message, path in cases:
             text = msgspec.json.encode(message).decode().replace(PLAY, rig.play_session)
-            await client.send_raw(text)
+            await send_raw(client, text)
             with anyio.fail_after(5):
                 reply = await client.receive()
                 while reply.server_initiated:
@@ -815,8 +806,8 @@ def test_invalid_utf8_closes_1007(rig: Rig, before: list[Frame], payload: bytes)
             connection = rig.runtime.hub.get(client.app_id)
             assert connection is not None
             for frame in before:
-                await client.send_raw(frame.payload)
-            await client.send_raw_text_bytes(payload)
+                await send_raw(client, frame.payload)
+            await send_raw_text_bytes(client, payload)
             answered = []
             with anyio.fail_after(5):
                 while True:
@@ -848,7 +839,7 @@ def test_frames_over_max_message_size_bytes_close_1009(rig: Rig, delta: int, cha
         async with connect(rig.live.ws_url) as client:
             connection = rig.runtime.hub.get(client.app_id)
             assert connection is not None
-            await client.send_raw(text)
+            await send_raw(client, text)
             if size > MAX_MESSAGE_SIZE:
                 assert await client.wait_closed(timeout=5) == 1009, (size, client.close_reason)
                 with anyio.fail_after(5):
@@ -874,7 +865,7 @@ def test_rate_limit_answers_then_closes_1008(portal: BlockingPortal) -> None:
             async with serve(app) as live, connect(live.ws_url) as client:
                 for payload in frames:
                     try:
-                        await client.send_raw(payload)
+                        await send_raw(client, payload)
                     except ConnectionClosed:
                         break
                 replies = []

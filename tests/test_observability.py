@@ -14,6 +14,7 @@ from llmgine_ws import Extensions, HandlerContext
 from llmgine_ws.client import RequestError, connect
 from llmgine_ws.logconfig import ContextFormatter, JSONFormatter, logging_config
 
+from .rawws import send_raw
 from .support import serve
 
 pytestmark = pytest.mark.anyio
@@ -46,7 +47,7 @@ async def test_metrics_count_what_happens(make_app: Any) -> None:
     async with serve(app) as server, httpx.AsyncClient(base_url=server.http_url) as http:
         before = await scrape(http)
         assert before["llmgine_ws_connections"] == 0
-        async with connect(server.ws_url) as client:
+        async with connect(server.ws_url, rate_limit_retries=0) as client:
             session_id = await client.create_session()
             with pytest.raises(RequestError):
                 await client.request("boom", {})
@@ -74,7 +75,7 @@ async def test_metrics_count_forced_closes_and_refused_handshakes(make_app: Any)
     app = make_app(max_message_size=64, allowed_origins=["https://ok.example"])
     async with serve(app) as server, httpx.AsyncClient(base_url=server.http_url) as http:
         async with connect(server.ws_url) as client:
-            await client.send_raw("x" * 100)
+            await send_raw(client, "x" * 100)
             assert await client.wait_closed(timeout=5) == 1009
         from llmgine_ws.client import HandshakeRejected
 

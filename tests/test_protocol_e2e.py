@@ -13,6 +13,7 @@ import pytest
 from llmgine_ws import Extensions, HandlerContext, ProtocolError
 from llmgine_ws.client import Message, RequestError, connect
 
+from .rawws import send_raw, send_raw_text_bytes
 from .support import LiveServer, serve, wait_cleaned
 
 pytestmark = pytest.mark.anyio
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.anyio
 
 async def raw_exchange(client: Any, payload: str | bytes) -> Message:
     """Send a raw frame and return the next message that is not server-initiated."""
-    await client.send_raw(payload)
+    await send_raw(client, payload)
     with anyio.fail_after(5):
         while True:
             message: Message = await client.receive()
@@ -92,18 +93,20 @@ async def test_create_session_without_app_id_uses_the_connection(server: LiveSer
 
 
 async def test_create_session_app_id_never_reaches_another_app(server: LiveServer) -> None:
-    """Seed-era clients send their own name as ``app_id``; whatever it says, the session is the caller's,
-    and the answer is the same whether that app exists or not."""
+    """Whatever ``app_id`` says (another app's, a seed frontend's own name, nonsense), the session is
+    the caller's: no other app gains one, and the answer does not tell whether that app exists."""
     async with connect(server.ws_url) as a, connect(server.ws_url) as b:
         answers = []
-        for claimed in (b.app_id, "my-frontend-app", a.app_id):
-            reply = await a.request("create_session", {"app_id": claimed})
-            answers.append(sorted(reply.data))
-            session_id = reply.data["session_id"]
-            assert server.runtime.sessions.get_owned(session_id, a.app_id).app_id == a.app_id
-        assert answers[0] == answers[1] == answers[2] == ["session_id"]
+        for claimed in (b.app_id, "my-frontend-app", str(uuid.uuid4())):
+            response = await a.request("create_session", {"app_id": claimed}, message_id=f"as-{claimed}")
+            session = server.runtime.sessions.get(response.data["session_id"])
+            assert session is not None and session.app_id == a.app_id
+            answers.append((response.type, sorted(response.data)))
+        assert answers == [("create_session_res", ["session_id"])] * 3
         assert server.runtime.messaging.get_app_sessions(b.app_id) == []
-        assert len(server.runtime.messaging.get_app_sessions(a.app_id)) == 3
+        with pytest.raises(RequestError) as error:
+            await b.request("status", {"session_id": response.data["session_id"]})
+        assert error.value.code == "SESSION_NOT_FOUND"
 
 
 async def test_another_apps_session_is_indistinguishable_from_a_missing_one(server: LiveServer) -> None:
@@ -189,7 +192,7 @@ async def test_binary_frame_gets_a_clear_error(server: LiveServer) -> None:
 
 async def test_invalid_utf8_text_frame_is_refused_by_the_protocol_layer(server: LiveServer) -> None:
     async with connect(server.ws_url) as client:
-        await client.send_raw_text_bytes(b'{"type": "ping", "message_id": "\xff\xfe", "data": {}}')
+        await send_raw_text_bytes(client, b'{"type": "ping", "message_id": "\xff\xfe", "data": {}}')
         code = await client.wait_closed(timeout=5)
     assert code == 1007  # RFC 6455: invalid frame payload data, closed by uvicorn before the app sees it
     with anyio.fail_after(5):
@@ -377,5 +380,5 @@ async def test_abrupt_disconnect_is_cleaned_up(server: LiveServer) -> None:
 async def test_oversized_frame_closes_with_1009(make_app: Any) -> None:
     async with serve(make_app(max_message_size=1024)) as server, connect(server.ws_url) as client:
         assert (await client.request("ping", {"timestamp": "x" * 900})).type == "ping_res"
-        await client.send_raw(json.dumps({"type": "ping", "message_id": "big", "data": {"timestamp": "x" * 2000}}))
+        await send_raw(client, json.dumps({"type": "ping", "message_id": "big", "data": {"timestamp": "x" * 2000}}))
         assert await client.wait_closed(timeout=5) == 1009

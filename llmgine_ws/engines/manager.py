@@ -29,7 +29,8 @@ class EngineManager:
 
     def __init__(self, factories: Mapping[str, EngineFactory], *, encoder: FrameEncoder, messaging: MessagingAPI,
                  metrics: Metrics | None, start_timeout: float, stop_timeout: float,
-                 max_inflight_requests: int, max_inflight_bytes: int = 0, on_change: Callable[[], None] = lambda: None) -> None:
+                 max_inflight_requests: int, max_inflight_bytes: int = 0,
+                 on_change: Callable[[], None] = lambda: None) -> None:
         self._factories = factories
         self._encoder = encoder
         self._messaging = messaging

@@ -547,7 +547,8 @@ export interface ServerRequestContext {
   /** Aborts when the server withdraws the request (`server_request_cancelled`) or the connection drops. */
   signal: AbortSignal;
   messageId: string;
-  message: ServerMessageOf<"server_request">;
+  /** The request frame: a `server_request`, or a frame of a custom type answered by `onServerRequest(type)`. */
+  message: ServerMessageOf<"server_request"> | { type: string; message_id: string; data: any; server_initiated: true };
   client: LlmgineClient;
 }
 
@@ -556,7 +557,7 @@ export type ServerRequestAnswer<K extends string> =
   K extends keyof ServerRequests ? Omit<ServerRequests[K]["response"], "response_type"> | { error: string } : Record<string, unknown>;
 
 export type ServerRequestHandler<K extends string> = (
-  data: K extends keyof ServerRequests ? ServerRequests[K]["request"] : ServerRequestData,
+  data: K extends keyof ServerRequests ? ServerRequests[K]["request"] : ServerRequestData | Record<string, any>,
   context: ServerRequestContext,
 ) => ServerRequestAnswer<K> | void | Promise<ServerRequestAnswer<K> | void>;
 
@@ -620,9 +621,11 @@ export declare class LlmgineClient extends EventTarget {
   cancel(messageId: string): Promise<CancelResData>;
 
   /**
-   * Answer `server_request`s of `requestType`: the return value becomes the `server_response` data
-   * (`response_type` added), a thrown error `{error}`. Requests of a type with no handler are refused
-   * at once. Returns an unsubscribe function.
+   * Answer server requests of `requestType`: `server_request` frames whose `request_type` is
+   * `requestType`, and server-initiated frames whose own `type` is `requestType` (what
+   * `send_to_app_and_wait(appId, "ask_color", data)` sends). The return value becomes the
+   * `server_response` data (`response_type` added), a thrown error `{error}`. A `server_request` of a
+   * type with no handler is refused at once. Returns an unsubscribe function.
    */
   onServerRequest<K extends string>(requestType: K, handler: ServerRequestHandler<K>): () => void;
   /** All notifications. */

@@ -13,7 +13,8 @@
  *
  * Guarantees: every promise settles — a request is answered, rejected with a `ServerError` (error
  * envelope), a `RequestTimeoutError`, or a `DisconnectedError` the moment the connection drops; a
- * `server_request` with no handler is refused at once; `server_request_cancelled` aborts the
+ * `server_request` with no handler is refused at once (a server-initiated frame of a custom type is a
+ * server request when `onServerRequest` has a handler for that type); `server_request_cancelled` aborts the
  * handler's `AbortSignal`; `server_ping` is answered automatically; a lost connection is reopened
  * with exponential backoff and jitter (sessions belong to a connection: after a reconnect the
  * `open` event has `reconnected: true` and the app must create its sessions again).
@@ -343,7 +344,10 @@ export class LlmgineClient extends EventTarget {
   // -------------------------------------------------------------------- server-initiated messages
 
   /**
-   * Answer `server_request`s whose `request_type` is `requestType`. The handler gets the request's
+   * Answer server requests of `requestType`: `server_request` frames whose `request_type` is
+   * `requestType`, and server-initiated frames whose own `type` is `requestType` (what the backend's
+   * `send_to_app_and_wait(appId, "ask_color", data)` sends; without a handler such a frame is an
+   * ordinary message for `onMessage`). The handler gets the request's
    * data and `{signal, messageId, message, client}`; its return value (an object, or nothing) becomes
    * the `server_response` data (with `response_type` added); a thrown error becomes `{error}`. The
    * signal aborts when the server withdraws the request or the connection drops; then no answer is sent.
@@ -588,6 +592,12 @@ export class LlmgineClient extends EventTarget {
         break;
       }
       default:
+        // send_to_app_and_wait(app, "ask_color", data) sends a frame of type ask_color that waits for
+        // a server_response: it is a server request when a handler is registered for that type.
+        if (message.server_initiated && this._requestHandlers.has(message.type)) {
+          this._onServerRequest(message, data, message.type);
+          break;
+        }
         if (!message.server_initiated && this._abandoned.delete(message.message_id)) break;
         if (!message.server_initiated && !this._settle(message) && message.type === "error") {
           this._emit("protocolerror", { error: new ServerError(data.code, data.message, data.details ?? null, message.message_id) });
@@ -609,9 +619,9 @@ export class LlmgineClient extends EventTarget {
     this._emit("open", { appId: this.appId, reconnected });
   }
 
-  _onServerRequest(message, data) {
+  _onServerRequest(message, data, requestType = data.request_type) {
     const messageId = message.message_id;
-    const requestType = data.request_type;
+    if (this._running.has(messageId)) return; // sent again (after a reconnect): answered once
     const handler = this._requestHandlers.get(requestType);
     const ws = this._ws;
     const answer = (fields) => {
