@@ -15,7 +15,7 @@ import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ..connection import Connection
-from ..errors import AppDisconnected, ProtocolError, ServerRequestTimeout, ServerShuttingDown
+from ..errors import AppDisconnected, ProtocolError, ServerRequestFailed, ServerRequestTimeout, ServerShuttingDown
 from ..messaging import MessagingAPI
 from ..metrics import Metrics
 from ..protocol import EngineCommandResData, EngineInfo, FrameEncoder, utcnow
@@ -25,6 +25,14 @@ from .api import Engine, EngineContext
 logger = logging.getLogger("llmgine_ws.engines")
 
 EngineStatus = Literal["starting", "idle", "running", "stopped", "failed"]
+
+EXPECTED_FAILURES: dict[type[Exception], str] = {
+    ServerRequestTimeout: "the user did not answer in time",
+    ServerShuttingDown: "the server is shutting down",
+    ServerRequestFailed: "the client refused a request of the engine",
+}
+"""Outcomes of asking the user that end a command without being server errors: reported as such,
+logged without a traceback."""
 
 
 class QueuedCommand:
@@ -197,9 +205,8 @@ class CommandWorker:
                         result = await engine.handle_command(queued.command, ctx)
                     except ProtocolError as exc:  # the engine's own message for the client
                         failure = exc.message
-                    except (ServerRequestTimeout, ServerShuttingDown) as exc:  # expected: no traceback
-                        failure = ("the user did not answer in time" if isinstance(exc, ServerRequestTimeout)
-                                   else "the server is shutting down")
+                    except (ServerRequestTimeout, ServerShuttingDown, ServerRequestFailed) as exc:  # expected
+                        failure = EXPECTED_FAILURES[type(exc)]
                         logger.info("engine %s (%s): command %s ended: %s", handle.engine_id, handle.engine_type,
                                     queued.message_id, failure,
                                     extra={"app_id": connection.app_id, "message_id": queued.message_id})
