@@ -23,7 +23,7 @@ from llmgine_ws.outbox import Outbox
 async def ws_endpoint(websocket: WebSocket) -> None:
     """Greet, then answer every ping through the writer task until the client disconnects."""
     await websocket.accept()
-    outbox: Outbox[str] = Outbox(256)
+    outbox: Outbox[str] = Outbox(256, 1 << 22)
     outbox.put_nowait(_encode(Connected(message_id=uuid.uuid4().hex, data=ConnectedData(app_id=APP_ID))).decode())
 
     async def write() -> None:

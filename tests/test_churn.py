@@ -142,8 +142,8 @@ async def test_churn_leaves_nothing_behind(make_app: Any) -> None:
     engine_counts: Counter[str] = Counter()
     extensions = Extensions()
     extensions.register_engine("churn", lambda session, config: ChurnEngine(alive_engines, engine_counts))
-    app = make_app(extensions, max_connections_per_ip=100_000, max_sessions=100_000, rate_limit=0,
-                   outbound_queue_size=64)
+    app = make_app(extensions, max_connections_per_ip=100_000, max_sessions=100_000, max_sessions_per_ip=100_000,
+                   rate_limit=0, outbound_queue_size=64)
     outcomes: Counter[str] = Counter()
     with error_trap():
         async with serve(app) as server:

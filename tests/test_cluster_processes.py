@@ -209,7 +209,7 @@ async def test_two_nodes_every_api_from_the_other_node(broker: Broker) -> None:
 
         timed_out = await b.call("send_to_app_and_wait", app_id=client.app_id, data={"request_type": "slow"},
                                  timeout=0.3)
-        assert timed_out["error"] == "TimeoutError"
+        assert timed_out["error"] == "ServerRequestTimeout"  # a TimeoutError
         notice = await client.receive(timeout=5)
         assert (notice.type, notice.data["reason"]) == ("server_request_cancelled", "timeout")
 

@@ -23,8 +23,9 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def make_connection(app_id: str, *, queue_size: int = 4, send_grace: float = 0.05) -> Connection:
-    return Connection(app_id, queue_size=queue_size, send_grace=send_grace)
+def make_connection(app_id: str, *, queue_size: int = 4, send_grace: float = 0.05,
+                    queue_bytes: int = 1 << 20) -> Connection:
+    return Connection(app_id, queue_size=queue_size, send_grace=send_grace, queue_bytes=queue_bytes)
 
 
 async def test_session_store_limit_ownership_and_expiry() -> None:
@@ -182,7 +183,7 @@ def test_full_stack_under_each_backend(anyio_backend: str) -> None:
 async def test_outbox_is_fifo_across_waiting_producers() -> None:
     from llmgine_ws.outbox import Outbox
 
-    outbox: Outbox[str] = Outbox(2)
+    outbox: Outbox[str] = Outbox(2, 1 << 20)
     assert outbox.put_nowait("a")
     assert outbox.put_nowait("b")
     assert not outbox.put_nowait("c")
@@ -199,7 +200,7 @@ async def test_outbox_is_fifo_across_waiting_producers() -> None:
 async def test_outbox_close_wakes_everyone() -> None:
     from llmgine_ws.outbox import Outbox, OutboxClosed
 
-    outbox: Outbox[str] = Outbox(1)
+    outbox: Outbox[str] = Outbox(1, 1 << 20)
     outbox.put_nowait("a")
     outcomes: list[str] = []
 
@@ -222,7 +223,7 @@ async def test_outbox_close_wakes_everyone() -> None:
 async def test_outbox_cancelled_producer_leaves_nothing_behind() -> None:
     from llmgine_ws.outbox import Outbox
 
-    outbox: Outbox[str] = Outbox(1)
+    outbox: Outbox[str] = Outbox(1, 1 << 20)
     outbox.put_nowait("a")
     with anyio.move_on_after(0.01):
         await outbox.put("never")
@@ -233,8 +234,8 @@ async def test_outbox_cancelled_producer_leaves_nothing_behind() -> None:
 
 async def test_send_soon_keeps_order_behind_a_backlog() -> None:
     """Frames that do not fit wait in one ordered backlog (on trio too, which does not start tasks FIFO)."""
-    connection = make_connection("app", queue_size=2, send_grace=5)
-    frames = [f"f{i}" for i in range(50)]
+    connection = make_connection("app", queue_size=32, send_grace=5)
+    frames = [f"f{i}" for i in range(60)]  # 32 fit the outbox, the rest wait in the backlog
     async with anyio.create_task_group() as tg:
         connection.attach(tg)
         assert all(connection.send_soon(frame) for frame in frames)
@@ -243,6 +244,22 @@ async def test_send_soon_keeps_order_behind_a_backlog() -> None:
         await anyio.wait_all_tasks_blocked()  # the drain task has finished with the backlog
         assert connection.send_nowait("after")
     assert received == frames
+
+
+async def test_a_backlog_past_its_bounds_closes_the_connection() -> None:
+    """The backlog holds at most queue_size frames and queue_bytes bytes: past that the client is stalled."""
+    connection = make_connection("app", queue_size=4, send_grace=5)
+    async with anyio.create_task_group() as tg:
+        connection.attach(tg)
+        assert all(connection.send_soon(f"f{i}") for i in range(8))  # 4 in the outbox, 4 in the backlog
+        assert connection.send_soon("one too many") is False
+        assert connection.closing and connection.close_code == 1013
+    bytes_bound = make_connection("app", queue_size=100, send_grace=5, queue_bytes=10)
+    async with anyio.create_task_group() as tg:
+        bytes_bound.attach(tg)
+        assert bytes_bound.send_soon("x" * 10) and bytes_bound.send_soon("y" * 10)  # outbox, then backlog
+        assert bytes_bound.send_soon("z") is False
+        assert bytes_bound.close_code == 1013
 
 
 def test_the_blocking_messaging_api_mirrors_the_async_one() -> None:
