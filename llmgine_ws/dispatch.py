@@ -82,6 +82,10 @@ class Dispatcher:
             return
         if self._metrics is not None:
             self._metrics.message_in(spec.message_type)
+        resume = connection.resume
+        if resume is not None and resume.resend_ids and spec.message_type not in ANSWERS \
+                and resume.is_resend(message_id):
+            return  # resent after a resume: it is running (answered once, when done) or its answer was replayed
         if not self._lifecycle.accepting and spec.message_type not in ALLOWED_WHILE_DRAINING:
             connection.send_soon(self._encoder.error(message_id, ProtocolError(
                 ErrorCode.SHUTTING_DOWN, "the server is shutting down; reconnect shortly",

@@ -36,6 +36,9 @@ _GAUGES = {
     "engines": "Sessions with an engine",
     "pending_server_requests": "Server requests waiting for an answer",
     "ready": "1 while ready to take traffic",
+    "detached_apps": "Resumable apps whose socket dropped, waiting for a resume",
+    "resume_buffer_bytes": "Characters held by the replay buffers of this node",
+    "resume_buffer_evictions": "Unacked frames evicted from full replay buffers since start (a later resume is gap)",
 }
 
 
@@ -66,6 +69,12 @@ class Metrics:
                                       ["reason"], registry=registry)
         self._handshakes_refused = Counter("llmgine_ws_handshakes_refused", "Handshakes refused, by reason",
                                            ["reason"], registry=registry)
+        self._resumes = Counter("llmgine_ws_resumes", "Resume attempts, by outcome (resumed, unknown, expired, gap, "
+                                "disabled)", ["outcome"], registry=registry)
+        self._replayed_frames = Counter("llmgine_ws_replayed_frames", "Frames replayed after a resume",
+                                        registry=registry)
+        self._replayed_bytes = Counter("llmgine_ws_replayed_bytes", "Characters replayed after a resume",
+                                       registry=registry)
         self._children: dict[tuple[int, str], Any] = {}
         registry.register(_StateCollector(state))
 
@@ -108,6 +117,13 @@ class Metrics:
     def handshake_refused(self, reason: str) -> None:
         """A handshake was refused (auth, origin, caps, shutdown)."""
         self._child(self._handshakes_refused, reason).inc()
+
+    def resume(self, outcome: str, frames: int = 0, size: int = 0) -> None:
+        """A resume attempt ended with ``outcome``; ``frames`` (``size`` characters) were replayed."""
+        self._child(self._resumes, outcome).inc()
+        if frames:
+            self._replayed_frames.inc(frames)
+            self._replayed_bytes.inc(size)
 
     def observe_audit(self, event: str, fields: Mapping[str, Any]) -> None:
         """Count what the audit log records (an :data:`~llmgine_ws.audit.AuditObserver`)."""

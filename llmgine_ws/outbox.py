@@ -15,6 +15,7 @@ big frame is slow, never impossible.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 import anyio
@@ -29,10 +30,12 @@ class OutboxClosed(Exception):
 class Outbox(Generic[T]):
     """Bounded FIFO between any number of producers and one consumer."""
 
-    __slots__ = ("_bytes", "_capacity", "_closed", "_item_ready", "_items", "_max_bytes", "_new_event", "_sizes",
-                 "_waiting_producers")
+    __slots__ = ("_bytes", "_capacity", "_closed", "_commit", "_item_ready", "_items", "_max_bytes", "_new_event",
+                 "_sizes", "_waiting_producers")
 
-    def __init__(self, capacity: int, max_bytes: int) -> None:
+    def __init__(self, capacity: int, max_bytes: int, commit: Callable[[T], T] | None = None) -> None:
+        """``commit``, if given, is applied to each item at the moment it enters the queue (in queue
+        order, never to an item whose producer gave up waiting): the connection stamps ``seq`` there."""
         if capacity < 1 or max_bytes < 1:
             raise ValueError("capacity and max_bytes must be >= 1")
         self._capacity = capacity
@@ -44,6 +47,7 @@ class Outbox(Generic[T]):
         self._waiting_producers: deque[tuple[T, int, anyio.Event]] = deque()
         self._closed = False
         self._new_event: type[anyio.Event] | None = None
+        self._commit = commit
 
     def __len__(self) -> int:
         return len(self._items) + len(self._waiting_producers)
@@ -65,6 +69,8 @@ class Outbox(Generic[T]):
         """Queue ``item`` if there is room and nobody is already waiting for room; else False."""
         if self._closed or self._waiting_producers or not self._has_room(size):
             return False
+        if self._commit is not None:
+            item = self._commit(item)
         self._items.append(item)
         self._sizes.append(size)
         self._bytes += size
@@ -110,11 +116,25 @@ class Outbox(Generic[T]):
         waiting = self._waiting_producers
         while waiting and self._has_room(waiting[0][1]):  # hand the room to the longest-waiting producers
             waiting_item, size, queued = waiting.popleft()
+            if self._commit is not None:
+                waiting_item = self._commit(waiting_item)
             self._items.append(waiting_item)
             self._sizes.append(size)
             self._bytes += size
             queued.set()
         return item
+
+    def set_commit(self, commit: Callable[[T], T] | None) -> None:
+        """Apply ``commit`` to the items queued from now on (see the constructor)."""
+        self._commit = commit
+
+    def take_all(self) -> list[T]:
+        """Remove and return the items queued (not those of producers still waiting for room)."""
+        items = list(self._items)
+        self._items.clear()
+        self._sizes.clear()
+        self._bytes = 0
+        return items
 
     def close(self) -> None:
         """Accept nothing more; wake everyone waiting (producers get ``OutboxClosed``)."""

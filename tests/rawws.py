@@ -157,14 +157,15 @@ class RawClient:
 
 
 @asynccontextmanager
-async def raw_connect(url: str) -> AsyncIterator[RawClient]:
+async def raw_connect(url: str, headers: list[tuple[str, str]] | None = None) -> AsyncIterator[RawClient]:
     """Open a WebSocket connection for :class:`RawClient` (handshake through wsproto, then raw bytes)."""
     parts = urlsplit(url)
     assert parts.hostname is not None and parts.port is not None
     stream = await anyio.connect_tcp(parts.hostname, parts.port)
     try:
         ws = WSConnection(ConnectionType.CLIENT)
-        await stream.send(ws.send(Request(host=f"{parts.hostname}:{parts.port}", target=parts.path)))
+        await stream.send(ws.send(Request(host=f"{parts.hostname}:{parts.port}", target=parts.path,
+                                          extra_headers=list(headers or []))))
         client = RawClient(stream, ws)
         with anyio.fail_after(5):
             while True:
