@@ -137,7 +137,8 @@ class ServerProcess:
             # Append mode: the child shares this file offset, and stderr_tail() seeks it.
             self._stderr = tempfile.TemporaryFile(mode="a+b", prefix="bench-server-")  # noqa: SIM115 - closed in stop()
             self._proc = subprocess.Popen(
-                [*self.wrapper, sys.executable, "-m", "benchmarks._serve", self.app, "--fd", str(fd), *self._extra_argv()],
+                [*self.wrapper, sys.executable, "-m", "benchmarks._serve", self.app, "--fd", str(fd),
+                 *self._extra_argv()],
                 cwd=REPO_ROOT,
                 stdin=subprocess.DEVNULL,
                 stdout=self._stderr,

@@ -4,9 +4,9 @@ for a shared, loaded machine, where wall-clock rates move by ±10% from one minu
 For each workload and side (target, baseline) the server runs under ``valgrind --tool=callgrind``
 twice, once doing ``--ops`` operations and once ``2 × --ops``; each run's total instruction count
 includes start-up, warm-up and shutdown, which are the same in both, so
-``(I(2n) − I(n)) / n`` is the server's instructions per operation. Reported with the ratio
-baseline/target (>1: the target executes more instructions than the baseline — no: read it as the
-*cost ratio* target/baseline, printed as ``T/B``). The client runs natively, outside valgrind.
+``(I(2n) − I(n)) / n`` is the server's instructions per operation. Reported with the cost ratio
+target/baseline (``T/B``: 2.0 means the target executes twice the baseline's instructions per
+operation). The client runs natively, outside valgrind.
 
 Workloads (each with its own target and baseline app, as in the timed benchmarks):
 
@@ -200,7 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"server instructions per operation under callgrind (I(2n) - I(n)) / n, n = {args.ops}")
     print(f"{'workload':<9} {'target':>12} {'baseline':>12} {'T/B':>6}")
     for r in results:
-        print(f"{r['workload']:<9} {r['target']['per_op']:>12,.0f} {r['baseline']['per_op']:>12,.0f} {r['ratio']:>6.2f}")
+        target, baseline = r["target"]["per_op"], r["baseline"]["per_op"]
+        print(f"{r['workload']:<9} {target:>12,.0f} {baseline:>12,.0f} {r['ratio']:>6.2f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
