@@ -167,8 +167,11 @@ def run_once(app: str, workload: str, ops: int, args: argparse.Namespace, label:
 def measure(workload: str, args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"workload": workload, "ops": args.ops}
     unit_ops = args.ops if workload != "fanout" else max(1, args.ops // args.fanout_clients) * args.fanout_clients
-    for side, app in zip(("target", "baseline"), APPS[workload] if not args.target else (args.target, args.baseline),
-                         strict=True):
+    apps = APPS[workload] if not args.target else (args.target, args.baseline)
+    for side, app in zip(("target", "baseline"), apps, strict=True):
+        if side == "baseline" and args.baseline_per_op is not None:  # known from an earlier run
+            result[side] = {"per_op": args.baseline_per_op}
+            continue
         small = run_once(app, workload, args.ops, args, f"{side}-{workload}-n")
         large = run_once(app, workload, 2 * args.ops, args, f"{side}-{workload}-2n")
         per_op = (large - small) / unit_ops
@@ -186,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--fanout-clients", type=int, default=200, help="connections receiving each broadcast (200)")
     p.add_argument("--target", default=None, help="override the target app (for every workload)")
     p.add_argument("--baseline", default=None, help="override the baseline app (with --target)")
+    p.add_argument("--baseline-per-op", type=float, default=None,
+                   help="skip the baseline runs and use this figure (from an earlier run of the same workload)")
     p.add_argument("--ws", default="auto")
     p.add_argument("--loop", default="auto")
     p.add_argument("--http", default="auto")
