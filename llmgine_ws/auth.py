@@ -31,7 +31,7 @@ import msgspec
 from starlette.datastructures import Headers, QueryParams
 from starlette.types import Scope
 
-from .config import APIConfig
+from .config import APIConfig, MissingExtra, env_variable
 
 AUTH_SUBPROTOCOL_PREFIX = "llmgine.auth."
 
@@ -193,7 +193,7 @@ class JWTAuthenticator:
         try:
             import jwt
         except ImportError as exc:  # pragma: no cover - depends on the installed extras
-            raise RuntimeError('JWT authentication needs the "jwt" extra: pip install "llmgine-ws[jwt]"') from exc
+            raise MissingExtra('JWT authentication needs the "jwt" extra: pip install "llmgine-ws[jwt]"') from exc
         if not key:
             raise ValueError("JWTAuthenticator needs a key")
         self._jwt = jwt
@@ -248,8 +248,11 @@ def authenticator_from_config(config: APIConfig) -> Authenticator | None:
     if config.token_secret:
         configured.append(TokenAuthenticator(config.token_secret))
     if config.jwt_key:
-        configured.append(JWTAuthenticator(config.jwt_key, algorithms=config.jwt_algorithms,
-                                           audience=config.jwt_audience, issuer=config.jwt_issuer))
+        try:
+            configured.append(JWTAuthenticator(config.jwt_key, algorithms=config.jwt_algorithms,
+                                               audience=config.jwt_audience, issuer=config.jwt_issuer))
+        except MissingExtra as exc:
+            raise MissingExtra(f"{env_variable('jwt_key')} is set: {exc}") from None
     if not configured:
         return None
     return configured[0] if len(configured) == 1 else any_of(*configured)
