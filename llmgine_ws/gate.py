@@ -63,7 +63,7 @@ class HandshakeGate:
         if not self._lifecycle.accepting:
             await refuse(websocket, 503, "SHUTTING_DOWN", "the server is shutting down")
             return None
-        if not origin_allowed(scope, self._config.allowed_origins):
+        if not origin_allowed(scope, self._config.allowed_origins, loopback_only=self.authenticator is None):
             self._audit("handshake_refused", level=logging.WARNING, reason="origin not allowed", origin=origin,
                         client_ip=client_ip)
             await refuse(websocket, 403, "FORBIDDEN", "origin not allowed")

@@ -115,12 +115,15 @@ def _is_trusted(address: str, trusted: Sequence[IPNetwork]) -> bool:
     return any(ip in network for network in trusted)
 
 
-def origin_allowed(scope: Scope, allowed_origins: Sequence[str]) -> bool:
+def origin_allowed(scope: Scope, allowed_origins: Sequence[str], *, loopback_only: bool = False) -> bool:
     """Whether a handshake's ``Origin`` may connect (cross-site WebSocket hijacking protection).
 
     No ``Origin`` header: not a browser, allowed (authentication is what guards those). ``*``: any.
     An empty list: same origin only (the Origin's host and port equal the ``Host`` the client
-    connected to). Otherwise the Origin must be one of the listed ``scheme://host[:port]`` values.
+    connected to) and, with ``loopback_only`` (a server without authentication), only when that host
+    is a loopback name or address: a DNS-rebinding page (``http://evil.com:P`` resolved to 127.0.0.1)
+    is same-origin with itself, so on an open server the Host header proves nothing. Otherwise the
+    Origin must be one of the listed ``scheme://host[:port]`` values.
     """
     headers = Headers(scope=scope)
     origin = headers.get("origin")
@@ -137,7 +140,19 @@ def origin_allowed(scope: Scope, allowed_origins: Sequence[str]) -> bool:
     if host is None:
         return False
     scheme, _, netloc = normalised.partition("://")
-    return netloc == _netloc(host.lower(), "https" if scheme == "https" else "http")
+    if netloc != _netloc(host.lower(), "https" if scheme == "https" else "http"):
+        return False
+    return not loopback_only or is_loopback_host(urlsplit(normalised).hostname or "")
+
+
+def is_loopback_host(hostname: str) -> bool:
+    """``localhost`` (and ``*.localhost``), ``127.0.0.0/8`` or ``::1``: names that only reach this machine."""
+    if hostname == "localhost" or hostname.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(hostname.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _normalise_origin(origin: str) -> str | None:
