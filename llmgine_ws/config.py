@@ -95,6 +95,16 @@ class APIConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields
     separators, not only characters. One request alone is always admitted."""
     max_message_size: int = 1024 * 1024
     """Largest frame accepted from a client (bytes); a larger one closes the connection with 1009."""
+    ws_per_message_deflate: bool = False
+    """Negotiate permessage-deflate (compressed frames) with clients that offer it (the CLI's transport).
+    Off by default: a 1 KiB compressed frame can inflate to ``max_message_size`` and costs the server
+    the CPU to inflate it, so a few connections can saturate a core."""
+    handshake_timeout: float = 10.0
+    """Seconds a client may take to send the complete headers of each HTTP request (the WebSocket upgrade
+    included) before the connection is closed with 408 (the CLI's transport; slowloris protection)."""
+    max_header_bytes: int = 16 * 1024
+    """Largest request line plus headers of an HTTP request (the WebSocket upgrade included); larger gets
+    431 (the CLI's transport)."""
 
     engine_start_timeout: float = 30.0
     """Deadline for an engine's factory and ``start()`` (seconds); past it ``ENGINE_CREATION_FAILED``."""
@@ -183,14 +193,15 @@ class APIConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields
                      "max_inflight_bytes", "max_sessions_per_ip", "max_sessions_per_user", "user_rate_burst",
                      "max_inflight_requests",
                      "max_message_size", "max_pending_requests", "max_connections", "max_connections_per_ip",
-                     "max_sessions_per_connection", "rate_burst", "rate_limit_strikes", "broadcast_burst"):
+                     "max_sessions_per_connection", "rate_burst", "max_header_bytes", "rate_limit_strikes",
+                     "broadcast_burst"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
         if self.port > 65535:
             raise ValueError("port must be <= 65535")
         for name in ("session_timeout", "session_reap_interval", "server_request_timeout", "send_grace",
                      "shutdown_timeout", "drain_timeout", "engine_start_timeout", "engine_stop_timeout",
-                     "engine_idle_timeout", "callback_timeout"):
+                     "engine_idle_timeout", "callback_timeout", "handshake_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0")
         for name in ("rate_limit", "broadcast_rate_limit", "user_rate_limit"):
