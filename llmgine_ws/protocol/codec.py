@@ -186,11 +186,20 @@ class FrameCounter(Protocol):
         """An error envelope with ``code`` was encoded."""
 
 
+def encode_foreign(obj: Any) -> Any:
+    """What msgspec cannot encode by itself: pydantic models (anything with ``model_dump``) become their
+    JSON-mode dump, so a FastAPI app can send its models as they are (without a pydantic dependency)."""
+    dump = getattr(obj, "model_dump", None)
+    if callable(dump):
+        return dump(mode="json")
+    raise TypeError(f"Encoding objects of type {type(obj).__name__} is unsupported")
+
+
 class FrameEncoder:
     """Encodes outbound envelopes to text frames (one encoder per app, counting them if told to)."""
 
     def __init__(self, counter: FrameCounter | None = None) -> None:
-        self._encoder = msgspec.json.Encoder()
+        self._encoder = msgspec.json.Encoder(enc_hook=encode_foreign)
         self._counter = counter
 
     def frame(self, message_type: str, message_id: str, data: Any, *, server_initiated: bool = False) -> str:
