@@ -478,3 +478,21 @@ async def test_dns_rebinding_on_a_server_without_authentication(make_app: Any, h
         status = await _upgrade_status(server.port, f"{host}:{server.port}", f"http://{host}:{server.port}",
                                        "Authorization: Bearer k\r\n" if authenticated else "")
     assert (b"101" if accepted else b"403") in status
+
+
+async def test_plain_uvicorn_proxy_headers_cannot_spread_one_client_over_many_addresses(
+        make_app: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """Plain ``uvicorn`` believes X-Forwarded-For from 127.0.0.1 and rewrites the client address before
+    the app sees it. With no trusted_proxies the app does not believe the rewritten address: such
+    connections share one address's cap, whatever each claims."""
+    app = make_app(max_connections_per_ip=2)
+    async with serve(app, proxy_headers=True, forwarded_allow_ips="127.0.0.1") as server, \
+            contextlib.AsyncExitStack() as stack:
+        for n in range(2):
+            await stack.enter_async_context(connect(server.ws_url, headers={"X-Forwarded-For": f"203.0.113.{n}:80"}))
+        with pytest.raises(HandshakeRejected) as refused:
+            async with connect(server.ws_url, headers={"X-Forwarded-For": "203.0.113.99"}):
+                pass
+        assert refused.value.status_code == 429
+        assert {c.client_ip for c in server.runtime.hub} == {"forwarded-unverified"}
+    assert len([r for r in caplog.records if "X-Forwarded-For" in r.getMessage()]) == 1
