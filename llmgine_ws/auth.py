@@ -124,8 +124,18 @@ def _b64encode(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
+_B64URL = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
 def _b64decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    """Strict unpadded base64url: each value has exactly one accepted spelling (no padding, no other
+    characters, no unused bits set in the last character), so a token cannot be re-spelt."""
+    if len(text) % 4 == 1 or not _B64URL.issuperset(text):
+        raise ValueError("not canonical base64url")
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if _b64encode(data) != text:
+        raise ValueError("not canonical base64url")
+    return data
 
 
 TOKEN_VERSION = "v1"
@@ -215,7 +225,7 @@ class JWTAuthenticator:
             )
         except self._jwt.ExpiredSignatureError:
             raise AuthenticationFailed("token expired") from None
-        except self._jwt.InvalidTokenError as exc:
+        except self._jwt.PyJWTError as exc:  # InvalidKeyError too: an RS256 token against an HMAC secret...
             raise AuthenticationFailed(f"invalid JWT: {type(exc).__name__}") from None
         return Principal(user_id=str(claims["sub"]), claims=claims, method="jwt")
 

@@ -273,9 +273,13 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
             self._abort_later()
 
     def shutdown(self) -> None:
-        """uvicorn's shutdown, bounded like any close."""
+        """uvicorn's shutdown (the app has closed its connections by then): a socket whose client left
+        its buffer unread is aborted at once instead of holding uvicorn's graceful timeout."""
         super().shutdown()
-        self._abort_later()
+        if self.transport.get_write_buffer_size() and not self.disconnected:
+            self.transport.abort()
+        else:
+            self._abort_later()
 
     def keepalive_timeout(self) -> None:
         """A missed keepalive PONG, bounded like any close."""

@@ -5,6 +5,8 @@ stays bounded under the server the CLI runs (:func:`llmgine_ws.transport.uvicorn
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -12,14 +14,16 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import httpx
 import pytest
 
 from llmgine_ws import APIConfig
-from llmgine_ws.client import connect
+from llmgine_ws.auth import mint_token
+from llmgine_ws.client import HandshakeRejected, connect
 from llmgine_ws.transport import GuardedWebSocketProtocol, TransportLimits, uvicorn_options
 
 from .rawws import OP_PING, OP_TEXT, build_frame, raw_connect
-from .support import LiveServer, serve, small_send_buffer_socket
+from .support import LiveServer, listening_socket, serve, small_send_buffer_socket
 
 pytestmark = pytest.mark.anyio
 
@@ -191,3 +195,40 @@ async def test_refused_handshakes_and_invalid_utf8_log_no_error(make_app: Any,
         await server.eventually(lambda: len(server.runtime.hub) == 0)
     noisy = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
     assert not noisy, [r.getMessage() for r in noisy]
+
+
+async def test_the_cli_logs_no_query_token_and_no_error_for_refusals() -> None:
+    """Under the CLI's log configuration a query token never reaches a log line (uvicorn prints URLs),
+    and refused handshakes or invalid UTF-8 log no ERROR and no traceback."""
+    secret = "cli-secret"
+    token = mint_token(secret, "alice")
+    sock = listening_socket()
+    port = sock.getsockname()[1]
+    env = {**os.environ, "LLMGINE_API_PING_INTERVAL": "0", "LLMGINE_API_TOKEN_SECRET": secret,
+           "LLMGINE_API_ALLOW_QUERY_TOKEN": "true", "LLMGINE_API_LOG_LEVEL": "info"}
+    process = await anyio.open_process([sys.executable, "-m", "llmgine_ws", "--fd", str(sock.fileno())], env=env,
+                                       pass_fds=(sock.fileno(),))
+    try:
+        with anyio.fail_after(30):
+            async with connect(f"ws://127.0.0.1:{port}/api/ws?token={token}", open_timeout=20) as client:
+                await client.request("ping", {"timestamp": 0})
+            with pytest.raises(HandshakeRejected):
+                async with connect(f"ws://127.0.0.1:{port}/api/ws?token={token}x"):
+                    pass
+            async with httpx.AsyncClient() as http:
+                assert (await http.get(f"http://127.0.0.1:{port}/health/live?token={token}")).status_code == 200
+            async with raw_connect(f"ws://127.0.0.1:{port}/api/ws?token={token}") as raw:
+                await raw.send_frame(OP_TEXT, b'"\xff"')
+                await raw.messages_until_close()
+    finally:
+        process.terminate()
+        with anyio.fail_after(15):
+            await process.wait()
+        sock.close()
+    assert process.stdout is not None and process.stderr is not None
+    output = b"".join([chunk async for chunk in process.stdout]) + b"".join([chunk async for chunk in process.stderr])
+    await process.aclose()
+    text = output.decode()
+    assert "token=<redacted>" in text
+    assert token.split(".")[-1] not in text
+    assert " ERROR " not in text and "Traceback" not in text, text
