@@ -13,6 +13,7 @@ import anyio
 
 from ..connection import Connection
 from ..errors import ErrorCode, ProtocolError
+from ..lifecycle import Host
 from ..messaging import MessagingAPI
 from ..metrics import Metrics
 from ..protocol import FrameEncoder
@@ -30,7 +31,8 @@ class EngineManager:
     def __init__(self, factories: Mapping[str, EngineFactory], *, encoder: FrameEncoder, messaging: MessagingAPI,
                  metrics: Metrics | None, start_timeout: float, stop_timeout: float,
                  max_inflight_requests: int, max_inflight_bytes: int = 0,
-                 on_change: Callable[[], None] = lambda: None) -> None:
+                 on_change: Callable[[], None] = lambda: None, host: Host | None = None) -> None:
+        self._host = host
         self._factories = factories
         self._encoder = encoder
         self._messaging = messaging
@@ -136,7 +138,7 @@ class EngineManager:
 
     def _worker(self, handle: EngineHandle, connection: Connection) -> CommandWorker:
         return CommandWorker(handle, connection, encoder=self._encoder, messaging=self._messaging,
-                             metrics=self._metrics)
+                             metrics=self._metrics, host=self._host)
 
     def submit(self, connection: Connection, session_id: str, message_id: str, command: object,
                cost: int = 0) -> None:

@@ -16,6 +16,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ..connection import Connection
 from ..errors import AppDisconnected, ProtocolError, ServerRequestFailed, ServerRequestTimeout, ServerShuttingDown
+from ..lifecycle import Host
 from ..messaging import MessagingAPI
 from ..metrics import Metrics
 from ..protocol import EngineCommandResData, EngineInfo, FrameEncoder, utcnow
@@ -143,7 +144,8 @@ class CommandWorker:
     """
 
     def __init__(self, handle: EngineHandle, connection: Connection, *, encoder: FrameEncoder,
-                 messaging: MessagingAPI, metrics: Metrics | None) -> None:
+                 messaging: MessagingAPI, metrics: Metrics | None, host: Host | None = None) -> None:
+        self._host = host
         self._handle = handle
         self._connection = connection
         self._encoder = encoder
@@ -197,7 +199,7 @@ class CommandWorker:
                     queued.scope.cancel()
                 await anyio.lowlevel.checkpoint_if_cancelled()  # a command cancelled while queued never starts
                 ctx = EngineContext(connection, session_id, queued.message_id, encoder=self._encoder,
-                                    messaging=self._messaging)
+                                    messaging=self._messaging, host=self._host)
                 with contained(logger, "engine %s (%s) failed on command %s", handle.engine_id, handle.engine_type,
                                queued.message_id, extra={"app_id": connection.app_id,
                                                          "message_id": queued.message_id}) as outcome:
