@@ -20,7 +20,7 @@ from anyio.abc import TaskGroup
 from .audit import AuditLog
 from .errors import AppDisconnected, ErrorCode, ProtocolError
 from .outbox import Outbox, OutboxClosed
-from .protocol import utcnow
+from .protocol import AnswerCheck, utcnow
 from .security import RateLimiter, TokenBucket
 
 logger = logging.getLogger("llmgine_ws.connection")
@@ -49,11 +49,13 @@ OutboundItem = str | CloseRequest
 class PendingRequest:
     """A server request waiting for the client's ``server_response``."""
 
-    __slots__ = ("_done", "_error", "_response", "app_id", "message_id")
+    __slots__ = ("_done", "_error", "_response", "app_id", "check", "message_id")
 
-    def __init__(self, app_id: str, message_id: str) -> None:
+    def __init__(self, app_id: str, message_id: str, check: AnswerCheck | None = None) -> None:
         self.app_id = app_id
         self.message_id = message_id
+        self.check = check
+        """Why an answer does not fit the question (it is then refused and the question stays open)."""
         self._done = anyio.Event()
         self._response: dict[str, Any] | None = None
         self._error: BaseException | None = None
