@@ -19,6 +19,7 @@ from ..protocol import FrameEncoder
 from ..sessions import Session
 from ..usercode import contained
 from .api import Engine, EngineFactory
+from .coalescing import FlushScheduler
 from .worker import CommandWorker, EngineHandle, QueuedCommand
 
 logger = logging.getLogger("llmgine_ws.engines")
@@ -30,8 +31,9 @@ class EngineManager:
     def __init__(self, factories: Mapping[str, EngineFactory], *, encoder: FrameEncoder, messaging: MessagingAPI,
                  metrics: Metrics | None, start_timeout: float, stop_timeout: float,
                  max_inflight_requests: int, max_inflight_bytes: int = 0,
-                 on_change: Callable[[], None] = lambda: None) -> None:
+                 on_change: Callable[[], None] = lambda: None, coalescing: FlushScheduler | None = None) -> None:
         self._factories = factories
+        self._coalescing = coalescing
         self._encoder = encoder
         self._messaging = messaging
         self._metrics = metrics
@@ -136,7 +138,7 @@ class EngineManager:
 
     def _worker(self, handle: EngineHandle, connection: Connection) -> CommandWorker:
         return CommandWorker(handle, connection, encoder=self._encoder, messaging=self._messaging,
-                             metrics=self._metrics)
+                             metrics=self._metrics, coalescing=self._coalescing)
 
     def submit(self, connection: Connection, session_id: str, message_id: str, command: object,
                cost: int = 0) -> None:
