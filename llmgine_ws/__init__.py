@@ -5,7 +5,7 @@ the :class:`MessagingAPI` (``extensions.get_messaging_api()`` or :func:`get_mess
 """
 
 from .app import create_app, get_messaging_api
-from .config import APIConfig, ConfigError
+from .config import APIConfig, ConfigError, ConfigWarning
 from .context import NO_REPLY, HandlerContext
 from .engines import Engine, EngineContext
 from .errors import (
@@ -37,6 +37,7 @@ __all__ = [
     "BackplaneUnavailable",
     "BlockingMessagingAPI",
     "ConfigError",
+    "ConfigWarning",
     "Engine",
     "EngineContext",
     "ErrorCode",

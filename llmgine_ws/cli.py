@@ -15,6 +15,7 @@ import uvicorn
 
 from .config import APIConfig, ConfigError
 from .logconfig import logging_config
+from .transport import uvicorn_options
 
 DEFAULT_APP = "llmgine_ws.main:app"
 
@@ -47,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     args = build_parser(config).parse_args(argv)
     try:
+        options = uvicorn_options(config)
         uvicorn.run(
             args.app,
             factory=args.factory,
@@ -56,15 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             workers=args.workers,
             log_level=args.log_level,
             log_config=logging_config(args.log_format, args.log_level),
-            lifespan="on",
-            # Client addresses are resolved by llmgine_ws itself from LLMGINE_API_TRUSTED_PROXIES;
-            # uvicorn rewriting them first (it trusts 127.0.0.1 by default) would bypass that list.
-            proxy_headers=False,
-            # Frames over the limit are refused by the protocol layer itself (close 1009).
-            ws_max_size=config.max_message_size,
-            timeout_graceful_shutdown=int(config.shutdown_timeout) + 1,
             ssl_keyfile=args.ssl_keyfile,
             ssl_certfile=args.ssl_certfile,
+            **options,
         )
     except ConfigError as exc:  # raised while importing the app (e.g. llmgine_ws.main reads the env)
         print(f"llmgine-ws: {exc}", file=sys.stderr)

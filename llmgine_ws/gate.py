@@ -18,6 +18,7 @@ from .hub import Hub
 from .lifecycle import Lifecycle
 from .protocol import ConnectedData, FrameEncoder
 from .security import (
+    UNVERIFIED_FORWARDED,
     ConnectionCounter,
     RateLimiter,
     SharedBuckets,
@@ -51,6 +52,7 @@ class HandshakeGate:
         self._trusted_proxies = parse_networks(config.trusted_proxies)
         self._user_buckets = SharedBuckets(config.user_rate_limit, config.user_rate_burst)
         self._warned_no_lifespan = False
+        self._warned_rewritten = False
 
     async def open(self, websocket: WebSocket) -> Connection | None:
         """The accepted, registered and greeted connection; None if it was refused.
@@ -59,11 +61,17 @@ class HandshakeGate:
         """
         scope = websocket.scope
         client_ip = resolve_client_ip(scope, self._trusted_proxies)
+        if client_ip == UNVERIFIED_FORWARDED and not self._warned_rewritten:
+            self._warned_rewritten = True
+            logger.warning("the server rewrote client addresses from X-Forwarded-For (uvicorn's --proxy-headers, on "
+                           "by default) but LLMGINE_API_TRUSTED_PROXIES is empty: those addresses are ignored and "
+                           "such connections share one address's limits. Run uvicorn with --no-proxy-headers (the "
+                           "llmgine-ws CLI does), or list your proxy in LLMGINE_API_TRUSTED_PROXIES")
         origin = websocket.headers.get("origin")
         if not self._lifecycle.accepting:
             await refuse(websocket, 503, "SHUTTING_DOWN", "the server is shutting down")
             return None
-        if not origin_allowed(scope, self._config.allowed_origins):
+        if not origin_allowed(scope, self._config.allowed_origins, loopback_only=self.authenticator is None):
             self._audit("handshake_refused", level=logging.WARNING, reason="origin not allowed", origin=origin,
                         client_ip=client_ip)
             await refuse(websocket, 403, "FORBIDDEN", "origin not allowed")

@@ -10,6 +10,7 @@ with plain uvicorn pass the same dictionary as ``--log-config`` (a JSON file).
 from __future__ import annotations
 
 import logging
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -62,6 +63,23 @@ class ContextFormatter(logging.Formatter):
         return text
 
 
+_QUERY_TOKEN = re.compile(r"([?&]token=)[^&\s\"']*")
+
+
+class RedactQueryTokens(logging.Filter):
+    """Hides the value of a ``token`` query parameter in a record's arguments (uvicorn's access lines
+    and its ``"WebSocket /api/ws?token=…" [accepted]`` lines show the full URL)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Redact the record in place; always keep it."""
+        if isinstance(record.args, tuple) and any(isinstance(arg, str) and "token=" in arg for arg in record.args):
+            record.args = tuple(_QUERY_TOKEN.sub(r"\1<redacted>", arg) if isinstance(arg, str) else arg
+                                for arg in record.args)
+        elif isinstance(record.msg, str) and "token=" in record.msg:
+            record.msg = _QUERY_TOKEN.sub(r"\1<redacted>", record.msg)
+        return True
+
+
 def logging_config(log_format: str = "text", level: str = "info") -> dict[str, Any]:
     """A ``logging.config.dictConfig`` dictionary for llmgine_ws and uvicorn (uvicorn's ``log_config``)."""
     level = level.upper()
@@ -80,9 +98,12 @@ def logging_config(log_format: str = "text", level: str = "info") -> dict[str, A
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": formatters,
+        "filters": {"redact": {"()": f"{__name__}.RedactQueryTokens"}},
         "handlers": {
-            "app": {"class": "logging.StreamHandler", "formatter": "app", "stream": "ext://sys.stderr"},
-            "access": {"class": "logging.StreamHandler", "formatter": "access", "stream": "ext://sys.stdout"},
+            "app": {"class": "logging.StreamHandler", "formatter": "app", "stream": "ext://sys.stderr",
+                    "filters": ["redact"]},
+            "access": {"class": "logging.StreamHandler", "formatter": "access", "stream": "ext://sys.stdout",
+                       "filters": ["redact"]},
         },
         "loggers": {
             "llmgine_ws": {"handlers": ["app"], "level": level, "propagate": False},

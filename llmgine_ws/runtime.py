@@ -185,7 +185,8 @@ class Runtime:
            with 1001 after its queued frames; cleanup stops engines (each within ``engine_stop_timeout``).
         4. Connections still open after ``shutdown_timeout`` are cut off (closed without flushing).
 
-        So it takes at most ``drain_timeout + SETTLE_TIMEOUT + shutdown_timeout`` seconds.
+        So it takes at most ``drain_timeout + SETTLE_TIMEOUT + shutdown_timeout`` seconds; under the CLI
+        uvicorn's own shutdown adds at most 2 more (``llmgine_ws.transport.UVICORN_GRACEFUL_TIMEOUT``).
         """
         if not self.lifecycle.begin_draining():
             await self.lifecycle.wait_stopped()
