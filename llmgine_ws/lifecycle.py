@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 import anyio
 
@@ -63,3 +64,22 @@ class Lifecycle:
     async def wait_stopped(self) -> None:
         """Wait until shutdown has finished."""
         await self._stopped.wait()
+
+
+class Host:
+    """Where an app is served: the app hosting it and the path it is mounted at.
+
+    Unmounted, ``app`` is the llmgine_ws app itself and ``mount_path`` is empty. ``llmgine_ws.mount`` /
+    ``llmgine_ws.lifespan`` (or the host's lifespan running this app's) fill both in.
+    """
+
+    __slots__ = ("app", "mount_path")
+
+    def __init__(self) -> None:
+        self.app: Any = None
+        self.mount_path = ""
+
+    @property
+    def state(self) -> Any:
+        """The hosting app's ``state`` (Starlette/FastAPI ``app.state``): your db pools, clients, settings."""
+        return self.app.state if self.app is not None else None

@@ -56,7 +56,7 @@ class SessionManager:
             if self._held.get((kind, value), 0) >= cap:
                 who = "one client address" if kind == "ip" else "one user"
                 self._refuse(connection, f"sessions_per_{kind}", f"{who} may hold at most {cap} sessions", cap)
-        session = self.store.create(connection.app_id)
+        session = self.store.create(connection.app_id, connection.principal)
         connection.session_ids.add(session.session_id)
         for key in keys:
             self._held[key] = self._held.get(key, 0) + 1

@@ -10,6 +10,7 @@ import anyio.lowlevel
 import msgspec
 
 from ..connection import Connection
+from ..lifecycle import Host
 from ..messaging import MessagingAPI
 from ..protocol import (
     EngineEventData,
@@ -50,11 +51,13 @@ EngineFactory = Callable[[Session, dict[str, Any]], "Engine | Awaitable[Engine]"
 class EngineContext:
     """The running command's line to its client. Every message it sends carries the session_id."""
 
-    __slots__ = ("_connection", "_emitted", "_encoder", "_line", "_messaging", "_seq", "command_id", "session_id")
+    __slots__ = ("_connection", "_emitted", "_encoder", "_host", "_line", "_messaging", "_seq", "command_id",
+                 "session_id")
 
     def __init__(self, connection: Connection, session_id: str, command_id: str, *, encoder: FrameEncoder,
-                 messaging: MessagingAPI, line: CoalescingLine | None = None) -> None:
+                 messaging: MessagingAPI, host: Host | None = None, line: CoalescingLine | None = None) -> None:
         self._connection = connection
+        self._host = host
         self._encoder = encoder
         self._messaging = messaging
         self._line = line
@@ -73,6 +76,17 @@ class EngineContext:
     def principal(self) -> Any:
         """Who authenticated the connection that sent the command (``None`` without an authenticator)."""
         return self._connection.principal
+
+    @property
+    def host_app(self) -> Any:
+        """The app llmgine_ws is served by: the FastAPI/Starlette host it is mounted in, else itself
+        (see ``HandlerContext.host_app``)."""
+        return self._host.app if self._host is not None else None  # None only for a context built by hand
+
+    @property
+    def state(self) -> Any:
+        """``host_app.state``: the host app's db pool, clients, settings."""
+        return self._host.state if self._host is not None else None
 
     @property
     def coalescing(self) -> bool:
@@ -143,7 +157,12 @@ class EngineContext:
         return str(selection)
 
     async def notify(self, notification_type: str, message: str = "", **additional_data: Any) -> None:
-        """Send a ``notification`` about this session to the client."""
+        """Send a ``notification`` about this session to the client.
+
+        Extra keyword arguments go under ``additional_data`` (the seed's notification shape), not next
+        to ``message``: ``notify("progress", "half way", percent=50)`` sends
+        ``{notification_type, message, session_id, command_id, additional_data: {percent: 50}}``.
+        """
         data: dict[str, Any] = {"notification_type": notification_type, "message": message,
                                 "session_id": self.session_id, "command_id": self.command_id}
         if additional_data:

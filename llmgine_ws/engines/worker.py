@@ -16,6 +16,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ..connection import Connection
 from ..errors import AppDisconnected, ProtocolError, ServerRequestFailed, ServerRequestTimeout, ServerShuttingDown
+from ..lifecycle import Host
 from ..messaging import MessagingAPI
 from ..metrics import Metrics
 from ..protocol import EngineCommandResData, EngineEventData, EngineInfo, FrameEncoder, utcnow
@@ -144,7 +145,9 @@ class CommandWorker:
     """
 
     def __init__(self, handle: EngineHandle, connection: Connection, *, encoder: FrameEncoder,
-                 messaging: MessagingAPI, metrics: Metrics | None, coalescing: FlushScheduler | None = None) -> None:
+                 messaging: MessagingAPI, metrics: Metrics | None, host: Host | None = None,
+                 coalescing: FlushScheduler | None = None) -> None:
+        self._host = host
         self._handle = handle
         self._coalescing = coalescing
         self._connection = connection
@@ -195,7 +198,7 @@ class CommandWorker:
         if self._coalescing is not None:
             line = self._coalescing.line(connection, handle.session_id, queued.message_id, self._event)
         ctx = EngineContext(connection, handle.session_id, queued.message_id, encoder=self._encoder,
-                            messaging=self._messaging, line=line)
+                            messaging=self._messaging, host=self._host, line=line)
         return await self._run_in(queued, ctx), ctx
 
     async def _run_in(self, queued: QueuedCommand, ctx: EngineContext) -> EngineCommandResData:
