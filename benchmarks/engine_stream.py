@@ -21,6 +21,7 @@ from benchmarks.workloads import EngineStreamWorkload
 
 if __name__ == "__main__":
     os.environ.setdefault("LLMGINE_API_RATE_LIMIT", "0")
+    os.environ.setdefault("LLMGINE_API_MAX_CONNECTIONS_PER_IP", "100000")  # 256 connections from 127.0.0.1
     events = 100
     if "--events" in sys.argv:
         position = sys.argv.index("--events")

@@ -206,8 +206,7 @@ class LocalRouter:
         connection.changed()
         try:
             await connection.send(frame)
-            with anyio.fail_after(timeout):
-                return await pending.wait()
+            return await pending.wait(timeout)
         finally:
             if connection.pending.get(message_id) is pending:
                 del connection.pending[message_id]

@@ -132,7 +132,9 @@ def probe() -> Probe:
 
 @pytest.fixture
 async def engine_server(make_app: Any, probe: Probe) -> Any:
-    async with serve(engine_app(make_app, probe)) as live:
+    # One frame per event: these tests pin the per-event protocol (seq, payloads) down;
+    # tests/test_coalescing.py covers coalesced token streams.
+    async with serve(engine_app(make_app, probe, engine_event_coalesce_ms=0)) as live:
         yield live
 
 

@@ -33,6 +33,8 @@ _decode_frame = msgspec.json.Decoder(_Frame).decode
 
 def answer_check(frame: str) -> AnswerCheck | None:
     """The check for answers to the server request in ``frame`` (None when its answers are free-form)."""
+    if not frame.startswith('{"type":"server_request"'):  # encoded by FrameEncoder: the type comes first
+        return None
     try:
         sent = _decode_frame(frame)
     except msgspec.DecodeError:
