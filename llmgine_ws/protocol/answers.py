@@ -33,7 +33,9 @@ _decode_frame = msgspec.json.Decoder(_Frame).decode
 
 def answer_check(frame: str) -> AnswerCheck | None:
     """The check for answers to the server request in ``frame`` (None when its answers are free-form)."""
-    if not frame.startswith('{"type":"server_request"'):  # encoded by FrameEncoder: the type comes first
+    # Cheap tests first (this runs for every server request): FrameEncoder writes the type first, and
+    # only the core request types are checked.
+    if not frame.startswith('{"type":"server_request"') or '"request_type":"user_' not in frame:
         return None
     try:
         sent = _decode_frame(frame)
