@@ -24,6 +24,7 @@ from .connection import WS_GOING_AWAY, Connection
 from .context import Services
 from .dispatch import Dispatcher
 from .engines import EngineManager
+from .engines.coalescing import FlushScheduler
 from .errors import ServerShuttingDown
 from .extensions import Extensions
 from .gate import HandshakeGate
@@ -80,11 +81,18 @@ class Runtime:
             user_of=self._user_of,
             audit=self.audit,
         )
+        self.coalescing: FlushScheduler | None = None
+        """Flushes coalesced token events (None when ``engine_event_coalesce_ms`` is 0)."""
+        if config.engine_event_coalesce_ms > 0:
+            self.coalescing = FlushScheduler(config.engine_event_coalesce_ms / 1000,
+                                             batch_chars=config.engine_event_coalesce_bytes,
+                                             max_frames=config.outbound_queue_size,
+                                             max_chars=config.outbound_queue_bytes)
         self.engines = EngineManager(
             extensions.engine_factories, encoder=self.encoder, messaging=self.messaging, metrics=self.metrics,
             start_timeout=config.engine_start_timeout, stop_timeout=config.engine_stop_timeout,
             max_inflight_requests=config.max_inflight_requests, max_inflight_bytes=config.max_inflight_bytes,
-            on_change=self.watch.notify, host=self.host)
+            on_change=self.watch.notify, host=self.host, coalescing=self.coalescing)
         self.session_manager = SessionManager(
             sessions, self.engines, hub, encoder=self.encoder, audit=self.audit,
             max_per_connection=config.max_sessions_per_connection, max_per_ip=config.max_sessions_per_ip,
@@ -170,6 +178,8 @@ class Runtime:
             await tg.start(self._reap_forever)
             await tg.start(self.message_router.run)
             await tg.start(self._shut_down_on_signal)
+            if self.coalescing is not None:
+                await tg.start(self.coalescing.run)
             logger.info("llmgine_ws WebSocket endpoint at %s", self.ws_url_path)
             if self.authenticator is None:
                 logger.warning("no authenticator configured: any client that can reach %s may connect (set "

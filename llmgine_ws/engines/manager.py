@@ -20,6 +20,7 @@ from ..protocol import FrameEncoder
 from ..sessions import Session
 from ..usercode import contained
 from .api import Engine, EngineFactory
+from .coalescing import FlushScheduler
 from .worker import CommandWorker, EngineHandle, QueuedCommand
 
 logger = logging.getLogger("llmgine_ws.engines")
@@ -31,9 +32,11 @@ class EngineManager:
     def __init__(self, factories: Mapping[str, EngineFactory], *, encoder: FrameEncoder, messaging: MessagingAPI,
                  metrics: Metrics | None, start_timeout: float, stop_timeout: float,
                  max_inflight_requests: int, max_inflight_bytes: int = 0,
-                 on_change: Callable[[], None] = lambda: None, host: Host | None = None) -> None:
+                 on_change: Callable[[], None] = lambda: None, host: Host | None = None,
+                 coalescing: FlushScheduler | None = None) -> None:
         self._host = host
         self._factories = factories
+        self._coalescing = coalescing
         self._encoder = encoder
         self._messaging = messaging
         self._metrics = metrics
@@ -138,7 +141,7 @@ class EngineManager:
 
     def _worker(self, handle: EngineHandle, connection: Connection) -> CommandWorker:
         return CommandWorker(handle, connection, encoder=self._encoder, messaging=self._messaging,
-                             metrics=self._metrics, host=self._host)
+                             metrics=self._metrics, host=self._host, coalescing=self._coalescing)
 
     def submit(self, connection: Connection, session_id: str, message_id: str, command: object,
                cost: int = 0) -> None:
