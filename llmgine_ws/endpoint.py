@@ -16,6 +16,7 @@ from starlette.websockets import WebSocket
 
 from .connection import WS_INTERNAL_ERROR, WS_MESSAGE_TOO_BIG, CloseRequest, Connection
 from .errors import AppDisconnected, ErrorCode, ProtocolError
+from .lifecycle import LazyEvent
 from .outbox import OutboxClosed
 from .protocol import ServerPingData, new_message_id, utcnow
 from .runtime import Runtime
@@ -45,11 +46,12 @@ class MessageEndpoint:
             return
         async with anyio.create_task_group() as tg:
             connection.attach(tg)
-            writer_done = anyio.Event()
+            writer_done = LazyEvent()
             tg.start_soon(self._write, connection, send, writer_done)
             if runtime.config.ping_interval > 0:
                 tg.start_soon(self._keepalive, connection)
-            tg.start_soon(runtime.on_connected, connection)
+            if runtime.extensions.connection_callbacks["connect"]:  # no task for nothing to run
+                tg.start_soon(runtime.on_connected, connection)
             peer_gone = False
             try:
                 peer_gone = await self._read(connection, receive)
@@ -105,7 +107,7 @@ class MessageEndpoint:
             elif dispatcher.within_rate_limit(connection, None):
                 connection.send_soon(self.runtime.encoder.error(None, BINARY_FRAME_ERROR))
 
-    async def _write(self, connection: Connection, send: Send, done: anyio.Event) -> None:
+    async def _write(self, connection: Connection, send: Send, done: LazyEvent) -> None:
         outbox = connection.outbox
         try:
             while True:
