@@ -28,32 +28,38 @@ class OutboxClosed(Exception):
 
 
 class Outbox(Generic[T]):
-    """Bounded FIFO between any number of producers and one consumer."""
+    """Bounded FIFO between any number of producers and one consumer.
 
-    __slots__ = ("_bytes", "_capacity", "_closed", "_item_ready", "_items", "_max_bytes", "_sizes",
-                 "_waiting_producers")
+    Kept small for idle connections: one deque of ``(item, size)`` pairs, and the queue of waiting
+    producers only once a producer has had to wait.
+    """
+
+    __slots__ = ("_bytes", "_capacity", "_closed", "_item_ready", "_items", "_max_bytes", "_waiting_producers")
 
     def __init__(self, capacity: int, max_bytes: int) -> None:
         if capacity < 1 or max_bytes < 1:
             raise ValueError("capacity and max_bytes must be >= 1")
         self._capacity = capacity
         self._max_bytes = max_bytes
-        self._items: deque[T] = deque()
-        self._sizes: deque[int] = deque()
+        self._items: deque[tuple[T, int]] = deque()
         self._bytes = 0
         self._item_ready: asyncio.Future[None] | anyio.Event | None = None
         """What the consumer waits on while the outbox is empty: a bare future on asyncio (the
         cheapest wake-up there is), an ``anyio.Event`` on other backends."""
-        self._waiting_producers: deque[tuple[T, int, anyio.Event]] = deque()
+        self._waiting_producers: deque[tuple[T, int, anyio.Event]] | None = None
         self._closed = False
 
     def __len__(self) -> int:
-        return len(self._items) + len(self._waiting_producers)
+        return len(self._items) + self.waiting
 
     @property
     def waiting(self) -> int:
         """Producers waiting for room (the consumer is behind)."""
-        return len(self._waiting_producers)
+        return len(self._waiting_producers) if self._waiting_producers else 0
+
+    def queued(self) -> list[T]:
+        """The items queued right now, oldest first (for inspection and tests)."""
+        return [item for item, _ in self._items]
 
     @property
     def queued_bytes(self) -> int:
@@ -67,8 +73,7 @@ class Outbox(Generic[T]):
         """Queue ``item`` if there is room and nobody is already waiting for room; else False."""
         if self._closed or self._waiting_producers or not self._has_room(size):
             return False
-        self._items.append(item)
-        self._sizes.append(size)
+        self._items.append((item, size))
         self._bytes += size
         if self._item_ready is not None:
             self._wake_consumer()
@@ -94,12 +99,15 @@ class Outbox(Generic[T]):
             return
         queued = anyio.Event()
         entry = (item, size, queued)
-        self._waiting_producers.append(entry)
+        if self._waiting_producers is None:
+            self._waiting_producers = deque()
+        waiting = self._waiting_producers
+        waiting.append(entry)
         try:
             await queued.wait()
         except BaseException:
             if not queued.is_set():
-                self._waiting_producers.remove(entry)
+                waiting.remove(entry)
             raise
         if self._closed:
             raise OutboxClosed
@@ -116,25 +124,25 @@ class Outbox(Generic[T]):
             else:
                 event = self._item_ready = anyio.Event()
                 await event.wait()
-        item = self._items.popleft()
-        self._bytes -= self._sizes.popleft()
+        item, size = self._items.popleft()
+        self._bytes -= size
         waiting = self._waiting_producers
-        while waiting and self._has_room(waiting[0][1]):  # hand the room to the longest-waiting producers
-            waiting_item, size, queued = waiting.popleft()
-            self._items.append(waiting_item)
-            self._sizes.append(size)
-            self._bytes += size
-            queued.set()
+        if waiting:
+            while waiting and self._has_room(waiting[0][1]):  # hand the room to the longest-waiting producers
+                waiting_item, waiting_size, queued = waiting.popleft()
+                self._items.append((waiting_item, waiting_size))
+                self._bytes += waiting_size
+                queued.set()
         return item
 
     def close(self) -> None:
         """Accept nothing more; wake everyone waiting (producers get ``OutboxClosed``)."""
         self._closed = True
         self._items.clear()
-        self._sizes.clear()
         self._bytes = 0
-        for _, _, queued in self._waiting_producers:
-            queued.set()
-        self._waiting_producers.clear()
+        if self._waiting_producers:
+            for _, _, queued in self._waiting_producers:
+                queued.set()
+            self._waiting_producers.clear()
         if self._item_ready is not None:
             self._wake_consumer()
