@@ -11,10 +11,10 @@ import logging
 import time
 
 import anyio
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from .connection import WS_INTERNAL_ERROR, WS_MESSAGE_TOO_BIG, CloseRequest, Connection
+from .connection import WS_INTERNAL_ERROR, WS_MESSAGE_TOO_BIG, CloseRequest, Connection, OutboundItem
 from .errors import AppDisconnected, ErrorCode, ProtocolError
 from .lifecycle import LazyEvent
 from .outbox import OutboxClosed
@@ -77,7 +77,10 @@ class MessageEndpoint:
         max_size = self.runtime.config.max_message_size
         dispatcher = self.runtime.dispatcher
         dispatch = dispatcher.dispatch
+        message: Message | None
+        text: str | None
         while True:
+            message = text = None  # an idle connection keeps no reference to the last frame it read
             message = await receive()
             kind = message["type"]
             if kind == "websocket.disconnect":
@@ -109,6 +112,7 @@ class MessageEndpoint:
 
     async def _write(self, connection: Connection, send: Send, done: LazyEvent) -> None:
         outbox = connection.outbox
+        item: OutboundItem | None
         try:
             while True:
                 item = await outbox.get()
@@ -116,6 +120,7 @@ class MessageEndpoint:
                     connection.close(item.code, item.reason)
                     return
                 await send({"type": "websocket.send", "text": item})
+                item = None  # an idle connection keeps no reference to the last frame it wrote
         except OutboxClosed:
             return
         except Exception as exc:  # the transport is gone: treat as a disconnect
