@@ -8,6 +8,8 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute, Mount, WebSocketRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from .auth import Authenticator
 from .backplane import Backplane
@@ -15,6 +17,7 @@ from .backplane.cluster import build_router
 from .config import APIConfig
 from .endpoint import MessageEndpoint
 from .extensions import Extensions
+from .gate import refuse
 from .http import StatusRoutes, websocket_not_found
 from .hub import Hub
 from .lifecycle import State
@@ -126,8 +129,24 @@ def mount(host: Any, path: str = "/ws", app: Starlette | None = None, *, config:
         path = ""
     router.routes.append(Mount(path, app=llm, name=name))
     router.lifespan_context = lifespan(llm, router.lifespan_context)
+    router.default = _websocket_not_found(router.default, runtime)
     runtime.set_host(host, path)
     return llm
+
+
+def _websocket_not_found(default: ASGIApp, runtime: Runtime) -> ASGIApp:
+    """The host router's fallback, answering a WebSocket that matched no route with 404 and the right path
+    (only what no route matched: routes added to the host later are not shadowed)."""
+
+    async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "websocket":
+            await default(scope, receive, send)
+            return
+        websocket = WebSocket(scope, receive=receive, send=send)
+        await refuse(websocket, 404, "NOT_FOUND", f"no WebSocket endpoint at {websocket.url.path}: llmgine_ws "
+                     f"serves {runtime.ws_url_path}")
+
+    return not_found
 
 
 def mounted_apps(host: Any, prefix: str = "", depth: int = 0) -> list[tuple[str, Runtime]]:

@@ -22,7 +22,7 @@ from anyio.abc import TaskGroup
 from .audit import AuditLog
 from .errors import AppDisconnected, ErrorCode, ProtocolError
 from .outbox import Outbox, OutboxClosed
-from .protocol import utcnow
+from .protocol import AnswerCheck, utcnow
 from .security import RateLimiter, TokenBucket
 
 logger = logging.getLogger("llmgine_ws.connection")
@@ -58,11 +58,13 @@ class PendingRequest:
     ``TimeoutError``.
     """
 
-    __slots__ = ("_done", "_error", "_future", "_response", "_settled", "app_id", "message_id")
+    __slots__ = ("_done", "_error", "_future", "_response", "_settled", "app_id", "check", "message_id")
 
-    def __init__(self, app_id: str, message_id: str) -> None:
+    def __init__(self, app_id: str, message_id: str, check: AnswerCheck | None = None) -> None:
         self.app_id = app_id
         self.message_id = message_id
+        self.check = check
+        """Why an answer does not fit the question (it is then refused and the question stays open)."""
         loop = asyncio._get_running_loop()  # None outside asyncio (trio), where anyio's Event serves
         self._future: asyncio.Future[None] | None = loop.create_future() if loop is not None else None
         self._done: anyio.Event | None = None if loop is not None else anyio.Event()

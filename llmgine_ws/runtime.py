@@ -31,6 +31,7 @@ from .gate import HandshakeGate
 from .handlers import CoreHandlers
 from .hub import Hub
 from .lifecycle import Host, Lifecycle, State
+from .logconfig import install_fallback_handler
 from .messaging import MessagingAPI
 from .metrics import Metrics, metrics_available
 from .protocol import FrameEncoder, NotificationData
@@ -172,6 +173,7 @@ class Runtime:
             raise RuntimeError("this app's lifespan is already running (or has run): run it once, either with "
                                "llmgine_ws.mount(...) / llmgine_ws.lifespan(...) or by hand, not both")
         self.set_host(app)  # the host app, when its lifespan runs this one
+        install_fallback_handler(self.config.log_format, "debug" if self.config.debug else self.config.log_level)
         async with anyio.create_task_group() as tg:
             portal = await tg.start(_serve_portal)
             self.messaging._bind_portal(portal)

@@ -6,6 +6,7 @@ not what it measures: the figures of a run this short mean nothing.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -45,6 +46,21 @@ def test_server_request_roundtrip() -> None:
 
 def test_engine_stream() -> None:
     assert "events/s" in run_script("engine_stream.py", *AB, "--concurrency", "2", "--events", "10")
+
+
+def test_llm_answers(tmp_path: Path) -> None:
+    """W6, tiny: a few half-second answers per side. The latencies of a run this short mean nothing,
+    but a lost token or a failed answer is a bug."""
+    record = tmp_path / "w6.json"
+    out = run_script("llm_answers.py", "--sessions", "3", "8", "--reps", "1", "--seconds", "0.5",
+                     "--start-delay", "0.3", "--grace", "20", "--no-early-stop", "--json", str(record), *PIN)
+    assert "largest N held" in out
+    runs = json.loads(record.read_text())["runs"]
+    assert {(run["side"], run["sessions"]) for run in runs} >= {
+        (side, n) for side in ("coalesced", "per-token", "bare", "source") for n in (3, 8)}
+    assert all(run["lost"] == 0 and run["failed"] == 0 for run in runs), runs
+    coalesced = [run for run in runs if run["side"] == "coalesced"]
+    assert all(run["frames"] < run["tokens"] for run in coalesced)  # bursts of 5 share a frame
 
 
 def test_fanout() -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import anyio
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, WebSocket
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
@@ -24,6 +24,7 @@ from llmgine_ws import APIConfig, EngineContext, Extensions, HandlerContext, Ses
 from llmgine_ws.auth import APIKeyAuthenticator
 from llmgine_ws.client import HandshakeRejected, connect
 
+from .rawws import raw_connect
 from .support import listening_socket, serve
 
 pytestmark = pytest.mark.anyio
@@ -210,10 +211,17 @@ async def test_a_starlette_host_given_the_apps_lifespan_knows_the_mount_path(
     assert any("any client that can reach /llm/api/ws may connect" in w for w in warnings), warnings
 
 
-@pytest.mark.parametrize("wrong", ["/ws/api/wss", "/ws/", "/ws/api"])
+@pytest.mark.parametrize("wrong", ["/ws/api/wss", "/ws/", "/ws/api", "/api/ws", "/ws"])
 async def test_a_wrong_path_under_the_mount_is_a_404_naming_the_real_one(wrong: str) -> None:
     host = FastAPI()
     llmgine_ws.mount(host, "/ws", config=APIConfig(ping_interval=0))
+
+    @host.websocket("/echo")  # added after mount(): the host's own WebSocket routes are not shadowed
+    async def echo(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_json({"echo": True})
+        await websocket.close()
+
     async with serve(host, ws_path="/ws/api/ws") as server:
         with pytest.raises(HandshakeRejected) as refused:
             async with connect(f"ws://127.0.0.1:{server.port}{wrong}"):
@@ -224,6 +232,8 @@ async def test_a_wrong_path_under_the_mount_is_a_404_naming_the_real_one(wrong: 
                                                           "/ws/api/ws"}
         async with connect(server.ws_url) as client:  # the right one still works
             await client.create_session()
+        async with raw_connect(f"ws://127.0.0.1:{server.port}/echo") as echo:
+            assert await echo.receive_json() == {"echo": True}
 
 
 async def test_a_wrong_path_on_the_plain_app_is_a_404(make_app: Any) -> None:

@@ -19,7 +19,7 @@ from ..protocol import (
     UserInputRequest,
 )
 from ..sessions import Session
-from .coalescing import CoalescingLine, token_text
+from .coalescing import CoalescingLine
 
 
 @runtime_checkable
@@ -109,11 +109,13 @@ class EngineContext:
             await anyio.lowlevel.checkpoint()
         line = self._line
         if line is not None:
-            text = token_text(event_type, payload)
-            if text is not None:
-                line.token(text)
-            else:
-                await line.event(event_type, payload)
+            # token_text(), inlined: this runs for every token of every answer.
+            if event_type == "token" and type(payload) is dict and len(payload) == 1:
+                text = payload.get("text")
+                if type(text) is str:
+                    line.token(text)
+                    return
+            await line.event(event_type, payload)
             return
         data = EngineEventData(session_id=self.session_id, command_id=self.command_id, seq=self._seq,
                                event_type=event_type, payload=payload)

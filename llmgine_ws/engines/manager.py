@@ -93,6 +93,7 @@ class EngineManager:
             await self._discard(handle, connection, "the session went away")
             raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, "session not found", {"session_id": handle.session_id})
         failure: str | None = None
+        timed_out = False
         try:
             with anyio.fail_after(self._start_timeout), contained(
                     logger, "engine %r failed to start for session %s", handle.engine_type, session.session_id,
@@ -106,6 +107,7 @@ class EngineManager:
             if outcome.failed:
                 failure = f"its {step} failed"
         except TimeoutError:
+            timed_out = True
             failure = f"its {step} timed out after {self._start_timeout:g}s"
             logger.error("engine %r for session %s: %s", handle.engine_type, handle.session_id, failure,
                          extra={"app_id": connection.app_id})
@@ -123,7 +125,8 @@ class EngineManager:
         if failure is not None:
             await self._discard(handle, connection, failure)
             raise ProtocolError(ErrorCode.ENGINE_CREATION_FAILED, f"engine {handle.engine_type!r} could not be "
-                                f"created: {failure}", {"engine_type": handle.engine_type, "step": step})
+                                f"created: {failure}", {"engine_type": handle.engine_type, "step": step,
+                                                        "timed_out": timed_out})
         self._on_change()
 
     async def _discard(self, handle: EngineHandle, connection: Connection, reason: str) -> None:
