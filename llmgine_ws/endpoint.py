@@ -59,10 +59,9 @@ class MessageEndpoint:
                 # Cleanup runs here, inside the task group, right after cancelling it: whatever user
                 # code does not stop in time is abandoned (the task group waits for it afterwards),
                 # but never holds the connection's cleanup up past its own deadlines.
-                with anyio.CancelScope(shield=True):
-                    if connection.flushing and not peer_gone:  # the queued frames go out before the close
-                        with anyio.move_on_after(runtime.config.send_grace):
-                            await writer_done.wait()
+                if connection.flushing and not peer_gone:  # the queued frames go out before the close
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(runtime.config.send_grace):
+                        await writer_done.wait()
                 connection.lose()
                 tg.cancel_scope.cancel()
                 with anyio.CancelScope(shield=True):
