@@ -21,6 +21,7 @@ from anyio.abc import TaskGroup
 
 from .audit import AuditLog
 from .errors import AppDisconnected, ErrorCode, ProtocolError
+from .lifecycle import LazyEvent
 from .outbox import Outbox, OutboxClosed
 from .protocol import AnswerCheck, utcnow
 from .security import RateLimiter, TokenBucket
@@ -169,7 +170,7 @@ class Connection:
         self.closing = False
         self.flushing = False
         """A close waits behind the frames already queued (see :meth:`close`)."""
-        self.closed = anyio.Event()
+        self.closed = LazyEvent()
         """Set once the connection has been cleaned up and forgotten by the hub."""
         self._send_grace = send_grace
         self.outbox: Outbox[OutboundItem] = Outbox(queue_size, queue_bytes)
