@@ -143,6 +143,8 @@ async def test_session_limit_reached(make_app: Any) -> None:
     [
         ("{not json", "INVALID_JSON", None, None),
         ('{"type": "ping", "message_id": "x1", "data": {', "INVALID_JSON", None, None),
+        ("[1, 2", "INVALID_JSON", None, None),  # truncated: not well-formed, whatever its top-level type
+        ("[1] x", "INVALID_JSON", None, None),
         ("[" * 100_000 + "]" * 100_000, "VALIDATION_ERROR", None, "$"),
         ('{"type": "ping", "message_id": "deep", "data": {"x": ' + "[" * 100_000 + "]" * 100_000 + "}}",
          "INVALID_JSON", None, None),
