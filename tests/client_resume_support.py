@@ -232,7 +232,8 @@ class FakeResumeServer:
         return app
 
     async def endpoint(self, websocket: WebSocket) -> None:
-        await websocket.accept(subprotocol=None)
+        offered = websocket.scope.get("subprotocols", [])
+        await websocket.accept(subprotocol="llmgine.v1" if "llmgine.v1" in offered else None)
         app = App(uuid.uuid4().hex, self.window)
         self.apps[app.app_id] = app
         app.websocket = websocket
