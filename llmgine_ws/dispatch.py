@@ -38,6 +38,16 @@ def decoded_size_estimate(text: str) -> int:
     return size + 48 * (text.count("[") + text.count("{") + text.count(","))
 
 
+def _fresh_ack(connection: Connection, message: Any) -> bool:
+    """Whether ``message`` is an ``ack`` of frames not acked yet (or the first, opting in): free under the
+    rate limit, like an answer, since there can be no more of them than frames the server sent."""
+    resume = connection.resume
+    seq = getattr(message.data, "seq", None)
+    if resume is None or not isinstance(seq, int) or isinstance(message.data, dict):
+        return False
+    return not resume.ack_seen or (resume.resumable and resume.acked < seq <= resume.seq)
+
+
 ALLOWED_WHILE_DRAINING = frozenset(name for name, spec in CORE_CLIENT_MESSAGES.items() if spec.while_draining)
 """What a draining server still answers: what lets running work finish, and harmless reads."""
 
@@ -76,8 +86,8 @@ class Dispatcher:
             return
         spec = self._table[type(message)]
         message_id: str = message.message_id
-        if spec.message_type in ANSWERS and connection.awaits_answer(message_id):
-            pass  # an answer to the server's own request: the server bounds how many it asks
+        if spec.message_type in ANSWERS and (connection.awaits_answer(message_id) or _fresh_ack(connection, message)):
+            pass  # an answer to the server's own request (or an ack of new frames): the server bounds how many
         elif not self.within_rate_limit(connection, message_id):
             return
         if self._metrics is not None:

@@ -269,8 +269,10 @@ async def test_an_unanswered_question_is_a_typed_timeout_without_a_traceback(
     assert not [r for r in caplog.records if r.exc_info and r.name.startswith("llmgine_ws")]
 
 
-async def test_shutdown_answers_a_command_waiting_for_the_user_before_closing(make_app: Any) -> None:
-    """The command's question is withdrawn and the command answered (failed) before the 1001."""
+async def test_shutdown_answers_a_command_waiting_for_the_user_before_closing(
+        make_app: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """The command's question is withdrawn and the command answered (failed) before the 1001; the
+    ServerShuttingDown it ended with is an expected outcome, logged without ERROR or traceback."""
     app = asking_app(make_app, drain_timeout=0.2, handle_signals=False)
     async with serve(app) as server, raw_connect(server.ws_url) as raw:
         assert (await raw.receive_json())["type"] == "connected"
@@ -293,3 +295,6 @@ async def test_shutdown_answers_a_command_waiting_for_the_user_before_closing(ma
     assert result["data"]["status"] == "failed" and result["data"]["error"] == "the server is shutting down"
     assert kinds.index("engine_command_res") > kinds.index("server_request")
     assert raw.close_code == 1001
+    noisy = [r for r in caplog.records
+             if r.name.startswith("llmgine_ws") and (r.exc_info or r.levelno >= logging.ERROR)]
+    assert not noisy, [r.getMessage() for r in noisy]
