@@ -69,7 +69,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         log_level=args.log_level,
         access_log=False,
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn.Server(config)
+    profile_dir = os.environ.get("BENCH_CPROFILE_DIR")
+    if not profile_dir:
+        server.run(sockets=[sock])
+        return
+    # Profiling aid (docs/performance.md): the whole server run under cProfile, written on exit.
+    import cProfile
+
+    def leave(signum: int, frame: object) -> None:  # uvicorn re-raises the signal after its shutdown
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, leave)
+    profiler = cProfile.Profile()
+    try:
+        profiler.runcall(server.run, sockets=[sock])
+    finally:
+        profiler.dump_stats(os.path.join(profile_dir, f"{args.app.replace(':', '.')}-{os.getpid()}.prof"))
 
 
 if __name__ == "__main__":

@@ -36,12 +36,17 @@ class AuditLog:
         self._observer = observer
 
     def __call__(self, event: str, *, level: int = logging.INFO, **fields: Any) -> None:
-        """Record one event. Field names must not be ``LogRecord`` attributes."""
-        clash = _RESERVED.intersection(fields)
-        if clash:
-            raise ValueError(f"audit fields {sorted(clash)} clash with LogRecord attributes")
-        shown = " ".join(f"{key}={_shown(value)}" for key, value in fields.items() if value is not None)
-        logger.log(level, "%s %s", event, shown, extra={"event": event, "audit": fields, **fields})
+        """Record one event. Field names must not be ``LogRecord`` attributes.
+
+        The text line is built only when the ``llmgine_ws.audit`` logger takes records of ``level``:
+        with audit logging off an event costs the observer's call and little more.
+        """
+        if logger.isEnabledFor(level):
+            clash = _RESERVED.intersection(fields)
+            if clash:
+                raise ValueError(f"audit fields {sorted(clash)} clash with LogRecord attributes")
+            shown = " ".join(f"{key}={_shown(value)}" for key, value in fields.items() if value is not None)
+            logger.log(level, "%s %s", event, shown, extra={"event": event, "audit": fields, **fields})
         if self._observer is not None:
             self._observer(event, fields)
 

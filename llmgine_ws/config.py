@@ -112,6 +112,14 @@ class APIConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields
     """Deadline for an engine's ``stop()`` on every path that ends it (seconds)."""
     engine_idle_timeout: float = 900.0
     """Seconds an engine may sit with no command before it is stopped."""
+    engine_event_coalesce_ms: float = 25.0
+    """Coalescing of streamed tokens: the ``token`` deltas (payload ``{"text": …}``) a command emits
+    within this many milliseconds go out as one ``engine_event`` carrying their concatenated text and
+    ``coalesced``: how many deltas it merged. Other events are never merged or reordered; a client too
+    slow to keep up gets bigger batches instead of waiting engines. 0 turns it off (one frame per event)."""
+    engine_event_coalesce_bytes: int = 64 * 1024
+    """The most characters of token text one coalesced ``engine_event`` carries (a single larger
+    delta still goes out, alone)."""
     callback_timeout: float = 10.0
     """Deadline for each connection/session callback (seconds); a slow one is abandoned and logged."""
 
@@ -193,8 +201,8 @@ class APIConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields
                      "max_inflight_bytes", "max_sessions_per_ip", "max_sessions_per_user", "user_rate_burst",
                      "max_inflight_requests",
                      "max_message_size", "max_pending_requests", "max_connections", "max_connections_per_ip",
-                     "max_sessions_per_connection", "rate_burst", "max_header_bytes", "rate_limit_strikes",
-                     "broadcast_burst"):
+                     "max_sessions_per_connection", "engine_event_coalesce_bytes", "rate_burst",
+                     "max_header_bytes", "rate_limit_strikes", "broadcast_burst"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
         if self.port > 65535:
@@ -214,6 +222,8 @@ class APIConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields
                 ipaddress.ip_network(proxy, strict=False)
             except ValueError:
                 raise ValueError(f"trusted_proxies: {proxy!r} is not an IP address or network") from None
+        if not 0 <= self.engine_event_coalesce_ms <= 60_000:
+            raise ValueError("engine_event_coalesce_ms must be between 0 (off) and 60000")
         if self.ping_interval < 0:
             raise ValueError("ping_interval must be >= 0 (0 disables server pings)")
         if not self.ws_path.startswith("/"):

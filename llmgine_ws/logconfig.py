@@ -5,12 +5,19 @@ The package only *emits* records, one logger per area (``llmgine_ws.endpoint``, 
 ``session_id`` as record attributes wherever they are known. Configuring output is the process's
 job: the CLI does it with :func:`logging_config` (``LLMGINE_API_LOG_FORMAT=json`` for JSON lines);
 with plain uvicorn pass the same dictionary as ``--log-config`` (a JSON file).
+
+When nobody configured logging at all (plain ``uvicorn myapp:app`` configures only uvicorn's own
+loggers), :func:`install_fallback_handler` gives the ``llmgine_ws`` logger a handler of its own when
+the app starts, so INFO and audit lines are not dropped and warnings carry their level and logger. A
+process that configures logging itself (a handler on the root logger or on ``llmgine_ws``) keeps
+full control: nothing is installed, and records propagate to its handlers.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import sys
 from datetime import UTC, datetime
 from typing import Any
 
@@ -112,3 +119,18 @@ def logging_config(log_format: str = "text", level: str = "info") -> dict[str, A
             "uvicorn.access": {"handlers": ["access"], "level": level, "propagate": False},
         },
     }
+
+
+def install_fallback_handler(log_format: str = "text", level: str = "info") -> logging.Handler | None:
+    """Give the ``llmgine_ws`` logger a stderr handler (text or JSON lines, at ``level``) when logging has
+    not been configured: neither the root logger nor ``llmgine_ws`` has a handler. Returns the handler
+    installed (None when the process configured logging itself, or one was installed before)."""
+    package = logging.getLogger("llmgine_ws")
+    if package.handlers or logging.getLogger().handlers:
+        return None
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JSONFormatter() if log_format == "json" else ContextFormatter())
+    package.addHandler(handler)
+    if package.level == logging.NOTSET:
+        package.setLevel(level.upper())
+    return handler

@@ -97,11 +97,24 @@ class MessagingAPI:
         ``AppNotConnected`` if the app is not connected, ``AppDisconnected`` as soon as it
         disconnects while the request is pending, and ``ServerRequestFailed`` when the client
         answers with an ``error`` field.
+
+        ``message_type`` is the frame's ``type``. The default, ``server_request``, needs
+        ``data["request_type"]`` (``ValueError`` without it): clients answer it by that request type,
+        and the core ones (``user_input``, ``user_confirmation``) have their answers checked (an answer
+        that does not fit is refused to the client, and the question stays open). Any other
+        ``message_type`` (e.g. ``"ask_color"``) is a custom request: clients answer it with a handler
+        registered for that type (``on_server_request("ask_color")`` / ``onServerRequest("ask_color",
+        ...)``); without one it is an ordinary message to them, and this call waits for its timeout.
         """
-        message_id = new_message_id()
         payload = _payload(data)
+        request_type = payload.get("request_type") if isinstance(payload, Mapping) else getattr(
+            payload, "request_type", None)
+        if message_type == "server_request" and not (isinstance(request_type, str) and request_type):
+            raise ValueError("a server_request's data needs a request_type: the name the client answers it by "
+                             "(on_server_request(t) / onServerRequest(t)). Or send a message type of your own: "
+                             "send_to_app_and_wait(app_id, 'ask_color', data)")
+        message_id = new_message_id()
         frame = self._encoder.frame(message_type, message_id, payload, server_initiated=True)
-        request_type = payload.get("request_type") if isinstance(payload, Mapping) else None
         record: dict[str, Any] = {"app_id": app_id, "user_id": self._user_of(app_id), "message_type": message_type,
                   "message_id": message_id, "request_type": request_type}
         self._audit("server_request", outcome="sent", **record)

@@ -24,12 +24,14 @@ from .connection import WS_GOING_AWAY, Connection
 from .context import Services
 from .dispatch import Dispatcher
 from .engines import EngineManager
+from .engines.coalescing import FlushScheduler
 from .errors import ServerShuttingDown
 from .extensions import Extensions
 from .gate import HandshakeGate
 from .handlers import CoreHandlers
 from .hub import Hub
-from .lifecycle import Lifecycle, State
+from .lifecycle import Host, Lifecycle, State
+from .logconfig import install_fallback_handler
 from .messaging import MessagingAPI
 from .metrics import Metrics, metrics_available
 from .protocol import FrameEncoder, NotificationData
@@ -55,6 +57,8 @@ class Runtime:
         self.config = config
         self.extensions = extensions
         self.lifecycle = Lifecycle()
+        self.host = Host()
+        """The app serving this one and where it is mounted (see :meth:`set_host`)."""
         self.metrics: Metrics | None = Metrics(self) if config.metrics and metrics_available() else None
         """Prometheus metrics (None without the ``metrics`` extra, or with ``metrics=False``)."""
         self.audit = AuditLog(self.metrics.observe_audit if self.metrics is not None else None)
@@ -78,22 +82,46 @@ class Runtime:
             user_of=self._user_of,
             audit=self.audit,
         )
+        self.coalescing: FlushScheduler | None = None
+        """Flushes coalesced token events (None when ``engine_event_coalesce_ms`` is 0)."""
+        if config.engine_event_coalesce_ms > 0:
+            self.coalescing = FlushScheduler(config.engine_event_coalesce_ms / 1000,
+                                             batch_chars=config.engine_event_coalesce_bytes,
+                                             max_frames=config.outbound_queue_size,
+                                             max_chars=config.outbound_queue_bytes)
         self.engines = EngineManager(
             extensions.engine_factories, encoder=self.encoder, messaging=self.messaging, metrics=self.metrics,
             start_timeout=config.engine_start_timeout, stop_timeout=config.engine_stop_timeout,
             max_inflight_requests=config.max_inflight_requests, max_inflight_bytes=config.max_inflight_bytes,
-            on_change=self.watch.notify)
+            on_change=self.watch.notify, host=self.host, coalescing=self.coalescing)
         self.session_manager = SessionManager(
             sessions, self.engines, hub, encoder=self.encoder, audit=self.audit,
             max_per_connection=config.max_sessions_per_connection, max_per_ip=config.max_sessions_per_ip,
             max_per_user=config.max_sessions_per_user, callback_timeout=config.callback_timeout,
             on_created=extensions.session_callbacks["session_created"],
             on_destroyed=extensions.session_callbacks["session_destroyed"])
-        self.services = Services(config, self.messaging, sessions, self.encoder, self.lifecycle)
+        self.services = Services(config, self.messaging, sessions, self.encoder, self.lifecycle, self.host)
         self.dispatcher = Dispatcher([*CoreHandlers(self.session_manager).specs(), *extensions.handlers.values()],
                                      self.services, audit=self.audit, metrics=self.metrics)
         extensions._bind(self.messaging)
         self._reaper_running = False
+
+    def set_host(self, host: Any, mount_path: str | None = None) -> None:
+        """Record the app this one is mounted in (``ctx.host_app``, ``ctx.state``) and the mount path
+        (found in the host's routes when not given); ``llmgine_ws.mount`` / ``llmgine_ws.lifespan`` call it."""
+        own = self.services.app
+        if host is None or host is own:
+            return
+        self.host.app = host
+        if mount_path is None:
+            mount_path = _mount_path(host, own)
+        if mount_path is not None:
+            self.host.mount_path = mount_path.rstrip("/")
+
+    @property
+    def ws_url_path(self) -> str:
+        """The WebSocket endpoint's path as clients see it: the mount path (when known) + ``ws_path``."""
+        return self.host.mount_path + self.config.ws_path
 
     @property
     def authenticator(self) -> Authenticator | None:
@@ -142,17 +170,23 @@ class Runtime:
         Starlette does not run a mounted app's lifespan by itself.
         """
         if self.lifecycle.state is not State.CREATED:
-            raise RuntimeError("this app's lifespan is already running (or has run)")
+            raise RuntimeError("this app's lifespan is already running (or has run): run it once, either with "
+                               "llmgine_ws.mount(...) / llmgine_ws.lifespan(...) or by hand, not both")
+        self.set_host(app)  # the host app, when its lifespan runs this one
+        install_fallback_handler(self.config.log_format, "debug" if self.config.debug else self.config.log_level)
         async with anyio.create_task_group() as tg:
             portal = await tg.start(_serve_portal)
             self.messaging._bind_portal(portal)
             await tg.start(self._reap_forever)
             await tg.start(self.message_router.run)
             await tg.start(self._shut_down_on_signal)
+            if self.coalescing is not None:
+                await tg.start(self.coalescing.run)
+            logger.info("llmgine_ws WebSocket endpoint at %s", self.ws_url_path)
             if self.authenticator is None:
                 logger.warning("no authenticator configured: any client that can reach %s may connect (set "
                                "LLMGINE_API_KEYS, LLMGINE_API_TOKEN_SECRET or LLMGINE_API_JWT_KEY)",
-                               self.config.ws_path)
+                               self.ws_url_path)
             self.lifecycle.start()
             try:
                 yield
@@ -303,3 +337,20 @@ def get_runtime(app: Any) -> Runtime:
     if not isinstance(runtime, Runtime):
         raise LookupError("this app was not made by llmgine_ws.create_app")
     return runtime
+
+
+def _mount_path(host: Any, target: Any, prefix: str = "", depth: int = 0) -> str | None:
+    """The path ``target`` is mounted at inside ``host`` (nested mounts followed), or None."""
+    if depth > 8:
+        return None
+    for route in getattr(host, "routes", None) or []:
+        path = getattr(route, "path", None)
+        app = getattr(route, "app", None)
+        if path is None or app is None or not hasattr(route, "routes"):
+            continue  # not a Mount
+        if app is target:
+            return prefix + str(path)
+        found = _mount_path(app, target, prefix + path, depth + 1)
+        if found is not None:
+            return found
+    return None

