@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -71,6 +70,14 @@ class Report:
                 f"{self.neighbour_worst_ms:6.1f} ms, {self.neighbour_failures} failed  {seen}")
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when this script dies, so a killed run leaves no server behind (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+
+
 class Server:
     """``python -m llmgine_ws --app benchmarks.attack_app:app`` on a socket bound here."""
 
@@ -85,7 +92,7 @@ class Server:
             [sys.executable, "-m", "llmgine_ws", "--app", "benchmarks.attack_app:app", "--fd",
              str(self.sock.fileno()), "--log-level", "info"],
             cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **env}, pass_fds=(self.sock.fileno(),),
-            stdout=self.log, stderr=self.log)
+            stdout=self.log, stderr=self.log, preexec_fn=_die_with_parent)
         self.sock.close()
 
     async def ready(self, timeout: float = 30.0) -> None:
@@ -115,13 +122,9 @@ class Server:
         return self.log.read().decode(errors="replace")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process.poll() is None:  # what is measured is over: no need for a graceful drain
+            self.process.kill()
+            self.process.wait()
         self.log.close()
 
 

@@ -15,9 +15,10 @@ pytestmark = pytest.mark.anyio
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "attack.py"
 
 
+@pytest.mark.timeout(240)
 async def test_the_attack_script_runs_every_attack_and_the_server_holds(tmp_path: Path) -> None:
     report = tmp_path / "attack.json"
-    with anyio.fail_after(110):
+    with anyio.fail_after(200):  # ~10 s on an idle machine; five server processes start on a busy one
         result = await anyio.run_process([sys.executable, str(SCRIPT), "--duration", "1", "--json", str(report)],
                                          check=False)
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
