@@ -14,6 +14,7 @@ big frame is slow, never impossible.
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from typing import Generic, TypeVar
 
@@ -40,7 +41,7 @@ class Outbox(Generic[T]):
         self._items: deque[T] = deque()
         self._sizes: deque[int] = deque()
         self._bytes = 0
-        self._item_ready: anyio.Event | None = None
+        self._item_ready: anyio.Event | asyncio.Future[None] | None = None
         self._waiting_producers: deque[tuple[T, int, anyio.Event]] = deque()
         self._closed = False
         self._new_event: type[anyio.Event] | None = None
@@ -69,8 +70,7 @@ class Outbox(Generic[T]):
         self._sizes.append(size)
         self._bytes += size
         if self._item_ready is not None:
-            self._item_ready.set()
-            self._item_ready = None
+            self._wake()
         return True
 
     async def put(self, item: T, size: int = 0) -> None:
@@ -100,6 +100,16 @@ class Outbox(Generic[T]):
         while not self._items:
             if self._closed:
                 raise OutboxClosed
+            loop = asyncio._get_running_loop()  # None under trio
+            if loop is not None:
+                # On asyncio a bare future: one object per wait instead of five (anyio's Event wraps an
+                # asyncio.Event, its deque of waiters and their future). An idle writer waits once per
+                # frame, and what it waits on lives until the next frame: with thousands of
+                # connections these young objects are what the garbage collector spends its time on.
+                future: asyncio.Future[None] = loop.create_future()
+                self._item_ready = future
+                await future
+                continue
             if self._new_event is None:
                 # anyio.Event() looks the backend up on every call; its concrete class does not.
                 self._new_event = type(anyio.Event())
@@ -126,5 +136,14 @@ class Outbox(Generic[T]):
             queued.set()
         self._waiting_producers.clear()
         if self._item_ready is not None:
-            self._item_ready.set()
-            self._item_ready = None
+            self._wake()
+
+    def _wake(self) -> None:
+        """Wake the consumer waiting in :meth:`get`."""
+        ready = self._item_ready
+        self._item_ready = None
+        if isinstance(ready, asyncio.Future):
+            if not ready.done():
+                ready.set_result(None)
+        elif ready is not None:
+            ready.set()
