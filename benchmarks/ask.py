@@ -21,6 +21,7 @@ from benchmarks.workloads import ServerRequestWorkload
 
 if __name__ == "__main__":
     os.environ.setdefault("LLMGINE_API_RATE_LIMIT", "0")
+    os.environ.setdefault("LLMGINE_API_LOG_LEVEL", "warning")  # no INFO line per connection, like the bare apps
     os.environ.setdefault("LLMGINE_API_MAX_CONNECTIONS_PER_IP", "100000")  # 256 connections from 127.0.0.1
     os.environ.setdefault("LLMGINE_API_PING_INTERVAL", "0")
     sys.exit(main(ServerRequestWorkload(), description=__doc__ or "",

@@ -58,6 +58,9 @@ ENV = {
     "LLMGINE_API_PING_INTERVAL": "0",
     # The stalled client must stay stalled (not be closed with 1013) for the whole run.
     "LLMGINE_API_SEND_GRACE": "3600",
+    # Like the bare apps, no INFO line per connection (two log records cost ~260k instructions per
+    # connection: docs/performance.md measures it).
+    "LLMGINE_API_LOG_LEVEL": "warning",
 }
 HOST = "127.0.0.1"
 PATH = "/api/ws"

@@ -21,6 +21,7 @@ from anyio.abc import TaskGroup
 
 from .audit import AuditLog
 from .errors import AppDisconnected, ErrorCode, ProtocolError
+from .lifecycle import LazyEvent
 from .outbox import Outbox, OutboxClosed
 from .protocol import AnswerCheck, utcnow
 from .security import RateLimiter, TokenBucket
@@ -58,13 +59,15 @@ class PendingRequest:
     ``TimeoutError``.
     """
 
-    __slots__ = ("_done", "_error", "_future", "_response", "_settled", "app_id", "check", "message_id")
+    __slots__ = ("_done", "_error", "_future", "_response", "_settled", "app_id", "check", "message_id", "refused")
 
     def __init__(self, app_id: str, message_id: str, check: AnswerCheck | None = None) -> None:
         self.app_id = app_id
         self.message_id = message_id
         self.check = check
         """Why an answer does not fit the question (it is then refused and the question stays open)."""
+        self.refused = False
+        """An answer was refused: further answers cost like any message (no free retries under the rate limit)."""
         loop = asyncio._get_running_loop()  # None outside asyncio (trio), where anyio's Event serves
         self._future: asyncio.Future[None] | None = loop.create_future() if loop is not None else None
         self._done: anyio.Event | None = None if loop is not None else anyio.Event()
@@ -167,7 +170,7 @@ class Connection:
         self.closing = False
         self.flushing = False
         """A close waits behind the frames already queued (see :meth:`close`)."""
-        self.closed = anyio.Event()
+        self.closed = LazyEvent()
         """Set once the connection has been cleaned up and forgotten by the hub."""
         self._send_grace = send_grace
         self.outbox: Outbox[OutboundItem] = Outbox(queue_size, queue_bytes)
@@ -327,8 +330,9 @@ class Connection:
             self._task_group.cancel_scope.cancel()
 
     def awaits_answer(self, message_id: str) -> bool:
-        """Whether a server request or ping with this message_id waits for this client's answer."""
-        return message_id in self.pending or message_id in self.unanswered_pings
+        """Whether a server request or ping with this message_id waits for this client's (first) answer."""
+        pending = self.pending.get(message_id)
+        return (pending is not None and not pending.refused) or message_id in self.unanswered_pings
 
     def changed(self) -> None:
         """Tell the app's state watch that this connection changed (requests, pending, closing)."""

@@ -11,11 +11,12 @@ import logging
 import time
 
 import anyio
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from .connection import WS_INTERNAL_ERROR, WS_MESSAGE_TOO_BIG, CloseRequest, Connection
+from .connection import WS_INTERNAL_ERROR, WS_MESSAGE_TOO_BIG, CloseRequest, Connection, OutboundItem
 from .errors import AppDisconnected, ErrorCode, ProtocolError
+from .lifecycle import LazyEvent
 from .outbox import OutboxClosed
 from .protocol import ServerPingData, new_message_id, utcnow
 from .runtime import Runtime
@@ -45,11 +46,12 @@ class MessageEndpoint:
             return
         async with anyio.create_task_group() as tg:
             connection.attach(tg)
-            writer_done = anyio.Event()
+            writer_done = LazyEvent()
             tg.start_soon(self._write, connection, send, writer_done)
             if runtime.config.ping_interval > 0:
                 tg.start_soon(self._keepalive, connection)
-            tg.start_soon(runtime.on_connected, connection)
+            if runtime.extensions.connection_callbacks["connect"]:  # no task for nothing to run
+                tg.start_soon(runtime.on_connected, connection)
             peer_gone = False
             try:
                 peer_gone = await self._read(connection, receive)
@@ -57,10 +59,9 @@ class MessageEndpoint:
                 # Cleanup runs here, inside the task group, right after cancelling it: whatever user
                 # code does not stop in time is abandoned (the task group waits for it afterwards),
                 # but never holds the connection's cleanup up past its own deadlines.
-                with anyio.CancelScope(shield=True):
-                    if connection.flushing and not peer_gone:  # the queued frames go out before the close
-                        with anyio.move_on_after(runtime.config.send_grace):
-                            await writer_done.wait()
+                if connection.flushing and not peer_gone:  # the queued frames go out before the close
+                    with anyio.CancelScope(shield=True), anyio.move_on_after(runtime.config.send_grace):
+                        await writer_done.wait()
                 connection.lose()
                 tg.cancel_scope.cancel()
                 with anyio.CancelScope(shield=True):
@@ -75,7 +76,10 @@ class MessageEndpoint:
         max_size = self.runtime.config.max_message_size
         dispatcher = self.runtime.dispatcher
         dispatch = dispatcher.dispatch
+        message: Message | None
+        text: str | None
         while True:
+            message = text = None  # an idle connection keeps no reference to the last frame it read
             message = await receive()
             kind = message["type"]
             if kind == "websocket.disconnect":
@@ -105,8 +109,9 @@ class MessageEndpoint:
             elif dispatcher.within_rate_limit(connection, None):
                 connection.send_soon(self.runtime.encoder.error(None, BINARY_FRAME_ERROR))
 
-    async def _write(self, connection: Connection, send: Send, done: anyio.Event) -> None:
+    async def _write(self, connection: Connection, send: Send, done: LazyEvent) -> None:
         outbox = connection.outbox
+        item: OutboundItem | None
         try:
             while True:
                 item = await outbox.get()
@@ -114,6 +119,7 @@ class MessageEndpoint:
                     connection.close(item.code, item.reason)
                     return
                 await send({"type": "websocket.send", "text": item})
+                item = None  # an idle connection keeps no reference to the last frame it wrote
         except OutboxClosed:
             return
         except Exception as exc:  # the transport is gone: treat as a disconnect

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import uuid
 from typing import Literal
 
 import anyio
@@ -16,7 +15,7 @@ from .config import APIConfig
 from .connection import Connection
 from .hub import Hub
 from .lifecycle import Lifecycle
-from .protocol import ConnectedData, FrameEncoder
+from .protocol import ConnectedData, FrameEncoder, new_message_id
 from .security import (
     UNVERIFIED_FORWARDED,
     ConnectionCounter,
@@ -103,7 +102,7 @@ class HandshakeGate:
                          "llmgine_ws.mount(host, path, app) or FastAPI(lifespan=llmgine_ws.lifespan(app, "
                          "your_lifespan))", scope.get("root_path", "").rstrip("/"), self._config.ws_path)
         config = self._config
-        connection = Connection(str(uuid.uuid4()), queue_size=config.outbound_queue_size,
+        connection = Connection(new_message_id(), queue_size=config.outbound_queue_size,
                                 queue_bytes=config.outbound_queue_bytes, send_grace=config.send_grace,
                                 principal=principal, client_ip=client_ip, audit=self._audit,
                                 on_change=self._watch.notify)

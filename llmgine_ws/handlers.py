@@ -110,6 +110,7 @@ class CoreHandlers:
             )
         problem = pending.check(data) if pending.check is not None else None
         if problem is not None:  # refused; the question stays open for a fitting answer
+            pending.refused = True
             raise ProtocolError(ErrorCode.VALIDATION_ERROR, problem, {"message_id": ctx.message_id})
         del ctx.connection.pending[ctx.message_id]
         pending.resolve(data)

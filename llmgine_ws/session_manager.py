@@ -97,6 +97,8 @@ class SessionManager:
         """Destroy every session ``connection`` owns: their engines stop concurrently, then the
         sessions are deleted one by one."""
         sessions = [s for s in (self.store.get(sid) for sid in list(connection.session_ids)) if s is not None]
+        if not sessions:
+            return  # most connections: no task group to make
         async with anyio.create_task_group() as tg:
             for session in sessions:
                 tg.start_soon(self.engines.stop, session.session_id, "disconnected")

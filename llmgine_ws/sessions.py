@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any, Protocol
 
 from .errors import ErrorCode, ProtocolError
-from .protocol import utcnow
+from .protocol import new_message_id, utcnow
 
 
 class Session:
@@ -79,7 +78,7 @@ class SessionStore:
                 f"the server has reached its limit of {self.max_sessions} sessions",
                 {"max_sessions": self.max_sessions},
             )
-        session = Session(str(uuid.uuid4()), app_id, principal)
+        session = Session(new_message_id(), app_id, principal)
         self._sessions[session.session_id] = session
         for listener in self.listeners:
             listener.session_added(session)

@@ -62,7 +62,7 @@ async def _ask_and_answer(server: LiveServer, kind: str, wrong: dict[str, Any], 
             assert errors[0].message_id == question_id
             assert errors[0].data["code"] == "VALIDATION_ERROR"
             # The question is still open: the right answer goes through, and the command ends with it.
-            assert server.runtime.hub.get(client.app_id).awaits_answer(question_id)  # type: ignore[union-attr]
+            assert question_id in server.runtime.hub.get(client.app_id).pending  # type: ignore[union-attr]
             await client.send("server_response", {"response_type": kind, **right}, message_id=question_id)
             result = await cmd.wait()
         return errors[0].data["message"], result.result
@@ -124,3 +124,35 @@ async def test_a_server_request_without_request_type_is_refused_before_it_is_sen
         with pytest.raises(ValueError, match="needs a request_type"):
             await server.runtime.messaging.send_to_app_and_wait(client.app_id)
         assert server.runtime.hub.get(client.app_id).pending == {}  # type: ignore[union-attr]
+
+
+async def test_answers_after_a_refusal_cost_like_any_message(make_app: Any) -> None:
+    """The first answer to a question is exempt from the rate limit; once refused, retries are not."""
+    async with serve(make_app(rate_limit=0.001, rate_burst=1)) as server, connect(server.ws_url) as client:
+        replies: list[str] = []
+        first, got = anyio.Event(), anyio.Event()
+
+        @client.on_message("error")
+        def on_error(message: Message) -> None:
+            replies.append(message.data["code"])
+            first.set()
+            if len(replies) == 3:
+                got.set()
+
+        client.on_server_request("user_input")(lambda message: {"text": "wrong shape"})
+        async with anyio.create_task_group() as tg:
+            async def ask() -> None:
+                with pytest.raises(TimeoutError):
+                    await server.runtime.messaging.send_to_app_and_wait(
+                        client.app_id, "server_request", {"request_type": "user_input", "prompt": "?"}, timeout=5)
+
+            tg.start_soon(ask)
+            with anyio.fail_after(5):
+                await first.wait()
+            [question] = server.runtime.hub.get(client.app_id).pending  # type: ignore[union-attr]
+            for _ in range(2):
+                await client.send("server_response", {"text": "again"}, message_id=question)
+            with anyio.fail_after(5):
+                await got.wait()
+            assert replies == ["VALIDATION_ERROR", "VALIDATION_ERROR", "RATE_LIMITED"]
+            tg.cancel_scope.cancel()

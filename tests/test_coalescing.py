@@ -156,7 +156,7 @@ def make_line(connection: Connection, *, batch_chars: int = 1000, max_frames: in
 
 
 def outbox_frames(connection: Connection) -> list[str]:
-    return [item for item in list(connection.outbox._items) if isinstance(item, str)]
+    return [item for item in connection.outbox.queued() if isinstance(item, str)]
 
 
 @both_backends

@@ -82,6 +82,23 @@ def test_the_schema_cli_imports_the_app_from_the_current_directory_or_app_dir(tm
         assert "hello" in json.dumps(json.loads(result.stdout)["x-llmgine"])
 
 
+def test_the_schema_cli_describes_an_app_mounted_in_a_host(tmp_path: Path) -> None:
+    (tmp_path / "host.py").write_text(MYAPP + textwrap.dedent("""
+        import llmgine_ws
+        from fastapi import FastAPI
+        host = FastAPI()
+        llmgine_ws.mount(host, "/ws", app)
+    """))
+    result = subprocess.run([sys.executable, "-m", "llmgine_ws.schemagen", "--app", "host:host"], cwd=tmp_path,
+                            capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr.decode()
+    assert "hello" in json.dumps(json.loads(result.stdout)["x-llmgine"])
+    other = subprocess.run([sys.executable, "-m", "llmgine_ws.schemagen", "--app", "fastapi:FastAPI", "--factory"],
+                           cwd=tmp_path, capture_output=True, timeout=60)
+    assert other.returncode != 0
+    assert b"is not an llmgine_ws app and has none mounted in it" in other.stderr
+
+
 def test_an_app_that_cannot_be_imported_is_a_clean_cli_error(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "llmgine_ws", "--app", "nowhere:app"], cwd=tmp_path,
                             capture_output=True, timeout=60)

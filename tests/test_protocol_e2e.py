@@ -296,7 +296,8 @@ async def test_protocol_error_from_a_custom_handler(make_app: Any) -> None:
 async def test_error_envelope_shape_matches_the_seed(server: LiveServer) -> None:
     async with connect(server.ws_url) as client:
         error = await raw_exchange(client, '{"type": "status", "message_id": "m", "data": {"session_id": "nope"}}')
-        assert set(msgspec.structs.asdict(error)) == {"type", "message_id", "data", "server_initiated"}
+        # The seed envelope, plus the top-level `seq` of the resume protocol (issue 12).
+        assert set(msgspec.structs.asdict(error)) == {"type", "message_id", "data", "server_initiated", "seq"}
         assert error.server_initiated is False
         assert set(error.data) == {"code", "message", "details"}
 

@@ -119,3 +119,13 @@ async def test_a_handler_returning_a_list_answers_internal_error_and_logs_why(
         assert (await client.request("wrapped", {})).data == {"items": [1, 2, 3]}
     assert any(r.exc_info and "returned a list: a reply's data is an object" in str(r.exc_info[1])
                for r in caplog.records)
+
+
+def test_a_pydantic_model_is_refused_with_a_pointer_to_the_docs() -> None:
+    from pydantic import BaseModel
+
+    class Note(BaseModel):
+        text: str
+
+    with pytest.raises(TypeError, match=r"cannot be decoded by msgspec .*pydantic models: see docs/fastapi.md"):
+        Extensions().register_handler("note", Note, summarize)

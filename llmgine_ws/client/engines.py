@@ -105,7 +105,10 @@ class Command:
         self.session_id = session_id
         self.result: CommandResult | None = None
         self.frame = frame
-        """The ``engine_command`` frame as sent (sent again after a ``RATE_LIMITED`` refusal)."""
+        """The ``engine_command`` frame as sent (sent again after a ``RATE_LIMITED`` refusal, and
+        after a resume if its result had not come)."""
+        self.link = -1
+        """The connection the frame was last sent on (-1: not sent yet)."""
         self._host = host
         self._unsent = False
         self._limit = limit
@@ -141,6 +144,11 @@ class Command:
             return
         self._frames.append(message)
         self._wake()
+
+    @property
+    def waiting_to_send(self) -> bool:
+        """Whether the command is held back by a ``RATE_LIMITED`` back-off (its first read sends it)."""
+        return self._unsent
 
     def send_later(self) -> None:
         """The client is backing off: the first read of the command sends it."""

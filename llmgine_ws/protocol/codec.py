@@ -21,7 +21,8 @@ from .messages import MAX_MESSAGE_ID_LENGTH, ErrorData, MessageId
 
 
 def new_message_id() -> str:
-    """A fresh id for a server-initiated message: a random (version 4) UUID in its usual text form.
+    """A fresh id for a server-initiated message (also app and session ids): a random (version 4)
+    UUID in its usual text form.
 
     The same as ``str(uuid.uuid4())`` at 40% of its cost (no ``UUID`` object on the way): one is
     made for every server-initiated frame.
@@ -122,6 +123,17 @@ class MessageDecoder:
     def decode(self, text: str) -> ClientMessage:
         """Decode one frame; raises ``msgspec.DecodeError`` or ``RecursionError`` on bad input."""
         return self._decoder.decode(text)
+
+    def envelope(self, text: str) -> tuple[str, str] | None:
+        """The ``type`` and ``message_id`` of a frame, read without decoding its ``data`` (which is only
+        skipped over); None unless both are readable strings."""
+        try:
+            envelope = self._lenient.decode(text)
+        except (msgspec.DecodeError, RecursionError):
+            return None
+        if not isinstance(envelope.type, str) or not _readable_id(envelope.message_id):
+            return None
+        return envelope.type, envelope.message_id
 
     def explain(self, text: str | bytes, exc: BaseException) -> tuple[str | None, ProtocolError]:
         """Classify a failed decode: returns (the request's message_id if readable, the error)."""
