@@ -88,9 +88,13 @@ async def test_resume_on_another_node_mid_stream(broker: Broker) -> None:
                     result = message
             assert events == list(range(100))
             assert result["data"]["result"] == {"n": 100}
-            # the client's messages reach the app on A: a request, answered through B
+            # the client's messages reach the app on A: a request, answered through B; a burst of
+            # frames far past the link's window arrives whole and in order (seq checked by the peer)
             reply = await client.request("ping", {}, "after")
-            assert reply["type"] == "pong" or reply["message_id"] == "after"
+            assert reply["message_id"] == "after"
+            noise_before = client.last_seq
+            reply = await client.request("blast", {"n": 2000, "pad": 200}, "burst")
+            assert reply["data"] == {"sent": 2000} and client.last_seq == noise_before + 2001
             assert ("resumed", app_id) in gates.callbacks and ("disconnect", app_id) not in gates.callbacks
             await client.ack()
             await client.raw.send_close(1000)  # goodbye through B: the app ends on A
@@ -232,6 +236,17 @@ async def test_owner_killed_resume_answers_within_two_heartbeats(broker: Broker)
                 assert answer["data"]["app_id"] != app_id
                 assert elapsed < 2 * HEARTBEAT + 0.5, elapsed  # (+ the handshake, on a busy machine)
             await a.process.wait()
+
+
+def test_a_lost_frames_message_is_a_gap_never_silent() -> None:
+    table = LinkTable()
+    table.ask("l1", "A", "app", now=0.0, timeout=1.0)
+    proxied = table.opened("l1", "A", gen=1)
+    assert proxied is not None
+    assert all(proxied.take(n, [f"f{n}"]) for n in range(1, 9))
+    assert [proxied.queued(n) for n in range(1, 9)] == [False] * 7 + [True]  # a credit every 8 messages
+    assert not proxied.take(10, ["f10"])  # message 9 never came
+    assert len(proxied.pending) == 8
 
 
 def test_link_table_fences_by_generation() -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +37,6 @@ from ..connection import (
     WS_NORMAL,
     WS_POLICY_VIOLATION,
     WS_SERVICE_RESTART,
-    WS_TRY_AGAIN_LATER,
     CloseRequest,
     Connection,
     DetachRequest,
@@ -44,13 +44,23 @@ from ..connection import (
     Unsequenced,
 )
 from ..dispatch import Dispatcher
-from ..errors import MessagingError
+from ..errors import AppDisconnected, MessagingError
 from ..hub import Hub
 from ..outbox import OutboxClosed
 from ..protocol import ResumeData
 from ..replay import ResumeFailure
 from ..resumption import Resumer
-from .wire import LinkClose, LinkFrames, LinkInput, LinkLost, LinkOpen, NodeMessage, ResumeAsk, ResumeRefused
+from .wire import (
+    LinkClose,
+    LinkCredit,
+    LinkFrames,
+    LinkInput,
+    LinkLost,
+    LinkOpen,
+    NodeMessage,
+    ResumeAsk,
+    ResumeRefused,
+)
 
 logger = logging.getLogger("llmgine_ws.cluster")
 
@@ -58,6 +68,11 @@ BATCH_FRAMES = 64
 """Frames in one :class:`~llmgine_ws.backplane.wire.LinkFrames` message at most."""
 BATCH_BYTES = 64 * 1024
 """Characters of frames in one message at most (a single larger frame goes alone)."""
+WINDOW = 16
+"""Messages of frames a link may have in flight (published, not yet credited by the serving node):
+with :data:`BATCH_BYTES`, at most 1 MiB between two nodes per link."""
+CREDIT_EVERY = WINDOW // 2
+"""The serving node credits the owner every this many messages."""
 ENDING_CODES = frozenset({WS_NORMAL, WS_POLICY_VIOLATION, WS_MESSAGE_TOO_BIG})
 """Close codes of a proxied socket that end the app (a goodbye, a policy close), as on one node."""
 REASONS: frozenset[str] = frozenset({"unknown", "expired", "gap", "disabled"})
@@ -91,6 +106,36 @@ class Proxied:
     gen: int
     connection: Any = None
     closed_by_owner: bool = False
+    received: int = 0
+    """The last :class:`~llmgine_ws.backplane.wire.LinkFrames` ``n`` taken (LinkOpen is 0)."""
+    credited: int = 0
+    inputs: int = 0
+    """Client frames forwarded so far (the ``n`` of the last LinkInput)."""
+    pending: deque[tuple[int, list[str], tuple[int, str] | None]] = field(default_factory=deque)
+    """Messages taken, not yet queued to the socket: at most :data:`WINDOW` (the owner waits for credit)."""
+    wake: anyio.Event = field(default_factory=anyio.Event)
+
+    def take(self, n: int, frames: list[str]) -> bool:
+        """Frames message ``n`` arrived; False if one was lost in between (the socket must go: the
+        client resumes, the owner replays)."""
+        if n != self.received + 1:
+            return False
+        self.received = n
+        self.pending.append((n, frames, None))
+        self.wake.set()
+        return True
+
+    def closing(self, code: int, reason: str) -> None:
+        """The owner closes the link: after the frames taken before."""
+        self.pending.append((-1, [], (code, reason)))
+        self.wake.set()
+
+    def queued(self, n: int) -> bool:
+        """Message ``n`` is in the socket's queue: True if the owner is to be credited now."""
+        if n - self.credited >= CREDIT_EVERY:
+            self.credited = n
+            return True
+        return False
 
 
 class LinkTable:
@@ -187,7 +232,8 @@ class LinkTable:
 class RemoteLink(Link):
     """An app's link whose socket is on another node: a writer task here publishes the app's frames."""
 
-    __slots__ = ("gen", "link_id", "node", "notified", "on_closed", "peer_gone", "scope", "writer_done")
+    __slots__ = ("_credit_event", "credit", "gen", "inputs", "link_id", "node", "notified", "on_closed", "peer_gone",
+                 "scope", "sent", "writer_done")
 
     remote = True
 
@@ -202,6 +248,25 @@ class RemoteLink(Link):
         """The serving node said the socket is gone (nothing to tell it)."""
         self.notified = False
         self.on_closed = on_closed
+        self.sent = 0
+        """The ``n`` of the last LinkFrames published."""
+        self.credit = 0
+        """The ``n`` the serving node credited last."""
+        self._credit_event = anyio.Event()
+        self.inputs = 0
+        """The ``n`` of the last client frame taken (LinkInput)."""
+
+    def credited(self, n: int) -> None:
+        """The serving node took every message up to ``n``."""
+        if n > self.credit:
+            self.credit = n
+            self._credit_event.set()
+            self._credit_event = anyio.Event()
+
+    async def wait_for_window(self) -> None:
+        """Wait until another message may be in flight (at most :data:`WINDOW`)."""
+        while self.sent - self.credit >= WINDOW:
+            await self._credit_event.wait()
 
     def close(self, code: int, reason: str, *, lost: bool = False) -> None:
         """Stop the writer; the serving node is told to close its socket with ``code``."""
@@ -223,9 +288,10 @@ class _Proxy:
     async def forward(self, text: str) -> None:
         """Publish one client frame to the app's node (in order: the reader awaits each)."""
         entry = self.entry
+        entry.inputs += 1
         try:
             await self._remote.publish(entry.owner, LinkInput(node=self._remote.node_id, app_id=entry.app_id,
-                                                              gen=entry.gen, text=text))
+                                                              gen=entry.gen, n=entry.inputs, text=text))
         except MessagingError as exc:
             logger.warning("cluster node %s: client frame for %s not forwarded (%s); the client must resume",
                            self._remote.node_id, entry.app_id, exc)
@@ -305,26 +371,54 @@ class RemoteResume:
         connection.proxy = _Proxy(self, entry)
         connection.outbox.set_commit(None)
         self._hub.remove(connection)
-        self._write(entry, message.frames)
+        entry.pending.append((0, message.frames, None))
+        if not connection.spawn(self._pump, entry):
+            self.table.unproxy(entry.link)
+            self._enqueue(message.node, LinkLost(node=self.node_id, app_id=message.app_id, gen=message.gen,
+                                                 code=WS_GOING_AWAY))
 
     def _on_frames(self, message: LinkFrames) -> None:
         entry = self.table.frames_for(message.link, message.node, message.gen)
         if entry is None:
             self._enqueue(message.node, LinkLost(node=self.node_id, app_id="", gen=message.gen, code=WS_GOING_AWAY))
             return
-        self._write(entry, message.frames)
+        if not entry.take(message.n, message.frames):  # one was lost on the way: never a silent gap in seq
+            logger.warning("cluster node %s: frames of %s from node %s lost in transit; the client must resume",
+                           self.node_id, entry.app_id, entry.owner)
+            entry.connection.close(WS_INTERNAL_ERROR, "frames lost between nodes: resume")
 
-    def _write(self, entry: Proxied, frames: list[str]) -> None:
+    async def _pump(self, entry: Proxied) -> None:
+        """Queue the owner's frames to this socket as it takes them (waiting for room, like any sender:
+        a client too slow past ``send_grace`` is dropped with 1013), crediting the owner as it goes."""
         connection: Connection = entry.connection
-        if connection.closing:
+        try:
+            while True:
+                while not entry.pending:
+                    entry.wake = anyio.Event()
+                    await entry.wake.wait()
+                n, frames, close = entry.pending.popleft()
+                if close is not None:
+                    connection.close(close[0], close[1], flush=True)
+                    return
+                for frame in frames:
+                    await connection.send(Unsequenced(frame))
+                if n > 0 and entry.queued(n):
+                    self._enqueue(entry.owner, LinkCredit(node=self.node_id, app_id=entry.app_id, link=entry.link,
+                                                          gen=entry.gen, n=n))
+        except AppDisconnected:
+            pass  # the socket went (too slow, or closed): the owner is told by proxy_closed
+
+    def _on_credit(self, message: LinkCredit) -> None:
+        if not self.table.current(message.app_id, message.node, message.gen):
             return
-        outbox = connection.outbox
-        for frame in frames:
-            if not outbox.put_nowait(Unsequenced(frame), len(frame)):
-                # The client reads too slowly: as on one node, the socket goes (1013) and the app is
-                # detached over there (the frames it missed are in its replay buffer).
-                connection.force_close(WS_TRY_AGAIN_LATER, "outbound queue full", proxied_app=entry.app_id)
-                return
+        app = self._hub.get(message.app_id)
+        if app is not None and isinstance(app.link, RemoteLink) and app.link.gen == message.gen:
+            app.link.credited(message.n)
+
+    def _app_of(self, node: str, gen: int) -> str:
+        """The app served by ``node`` as generation ``gen`` ("" if none)."""
+        return next((app for app, (served_by, _, served_gen) in self.table.served.items()
+                     if served_by == node and served_gen == gen), "")
 
     def _on_close(self, message: LinkClose) -> None:
         entry = self.table.frames_for(message.link, message.node, message.gen)
@@ -332,7 +426,7 @@ class RemoteResume:
             return
         entry.closed_by_owner = True
         self.table.unproxy(entry.link)
-        entry.connection.close(message.code, message.reason)
+        entry.closing(message.code, message.reason)  # after the frames taken before it
 
     def proxy_closed(self, connection: Connection) -> None:
         """A socket here that served an app elsewhere is gone: tell the app's node (unless it closed it)."""
@@ -439,13 +533,18 @@ class RemoteResume:
         size = 0
         for frame in frames:
             if chunk and size + len(frame) > budget:
-                await self.publish(link.node, LinkFrames(node=self.node_id, link=link.link_id, gen=link.gen,
-                                                         frames=chunk))
+                await self._send_one(link, chunk)
                 chunk, size = [], 0
             chunk.append(frame)
             size += len(frame)
         if chunk or probe:
-            await self.publish(link.node, LinkFrames(node=self.node_id, link=link.link_id, gen=link.gen, frames=chunk))
+            await self._send_one(link, chunk)
+
+    async def _send_one(self, link: RemoteLink, frames: list[str]) -> None:
+        await link.wait_for_window()
+        link.sent += 1
+        await self.publish(link.node, LinkFrames(node=self.node_id, link=link.link_id, gen=link.gen, n=link.sent,
+                                                 frames=frames))
 
     def _link_closed(self, link: RemoteLink) -> None:
         """A remote link closed after its writer ended: tell the serving node (from a queue)."""
@@ -460,16 +559,22 @@ class RemoteResume:
         if not self.table.current(message.app_id, message.node, message.gen):
             return  # a stale link (the app resumed elsewhere since, or ended): fenced off
         app = self._hub.get(message.app_id)
-        if app is None or app.closing:
+        link = app.link if app is not None else None
+        if app is None or app.closing or not isinstance(link, RemoteLink) or link.gen != message.gen:
             return
+        if message.n != link.inputs + 1:  # a client frame was lost on the way: the client must resume (and resend)
+            logger.warning("cluster node %s: client frames of %s from node %s lost in transit; detaching",
+                           self.node_id, app.app_id, message.node)
+            app.drop_link(WS_INTERNAL_ERROR, "client frames lost between nodes")
+            return
+        link.inputs = message.n
         app.last_activity = time.monotonic()
         self._dispatcher.dispatch(app, message.text)
 
     def _on_lost(self, message: LinkLost) -> None:
         app_id = message.app_id
         if not app_id:  # frames for a link the serving node does not hold: find the app by generation
-            app_id = next((app for app, (node, _, gen) in self.table.served.items()
-                           if node == message.node and gen == message.gen), "")
+            app_id = self._app_of(message.node, message.gen)
         if not self.table.current(app_id, message.node, message.gen):
             return
         self.table.unserve(app_id, message.gen)
@@ -518,6 +623,7 @@ _HANDLERS: dict[type[Any], Callable[[RemoteResume, Any], None]] = {
     ResumeRefused: RemoteResume._on_refused,
     LinkOpen: RemoteResume._on_open,
     LinkFrames: RemoteResume._on_frames,
+    LinkCredit: RemoteResume._on_credit,
     LinkClose: RemoteResume._on_close,
     LinkInput: RemoteResume._on_input,
     LinkLost: RemoteResume._on_lost,

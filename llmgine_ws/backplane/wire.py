@@ -176,11 +176,22 @@ class LinkOpen(NodeMessage, tag="ln.open", frozen=True):
 
 
 class LinkFrames(NodeMessage, tag="ln.out", frozen=True):
-    """Frames of the app for the socket of ``link`` (already sequenced), in order."""
+    """Frames of the app for the socket of ``link`` (already sequenced), in order; ``n`` counts the
+    link's messages (1, 2, 3…: :class:`LinkOpen` is 0), so that a lost one is noticed."""
 
     link: str
     gen: int
+    n: int
     frames: list[str]
+
+
+class LinkCredit(NodeMessage, tag="ln.credit", frozen=True):
+    """The serving node took every :class:`LinkFrames` up to ``n``: the owner may send more."""
+
+    app_id: str
+    link: str
+    gen: int
+    n: int
 
 
 class LinkClose(NodeMessage, tag="ln.close", frozen=True):
@@ -193,10 +204,12 @@ class LinkClose(NodeMessage, tag="ln.close", frozen=True):
 
 
 class LinkInput(NodeMessage, tag="ln.in", frozen=True):
-    """A frame the client sent on the sender's socket for ``app_id`` (generation ``gen``)."""
+    """A frame the client sent on the sender's socket for ``app_id`` (generation ``gen``); ``n``
+    counts them (1, 2, 3…), so that a lost one is noticed."""
 
     app_id: str
     gen: int
+    n: int
     text: str
 
 
@@ -212,7 +225,7 @@ class LinkLost(NodeMessage, tag="ln.lost", frozen=True):
 
 WireMessage = Union[  # noqa: UP007 - a runtime union for msgspec
     Hello, Heartbeat, Goodbye, Delta, SyncRequest, Snapshot, Deliver, Request, Withdraw, Reply, Fanout, GroupOp, Ack,
-    ResumeAsk, ResumeRefused, LinkOpen, LinkFrames, LinkClose, LinkInput, LinkLost,
+    ResumeAsk, ResumeRefused, LinkOpen, LinkFrames, LinkCredit, LinkClose, LinkInput, LinkLost,
 ]
 """Every message a node may receive."""
 
@@ -225,6 +238,6 @@ decode: Callable[[bytes], WireMessage] = msgspec.msgpack.Decoder(WireMessage).de
 
 __all__ = [
     "Ack", "AppEntry", "Deliver", "Delta", "Fanout", "Goodbye", "GroupOp", "Heartbeat", "Hello", "LinkClose",
-    "LinkFrames", "LinkInput", "LinkLost", "LinkOpen", "NodeMessage", "Reply", "Request", "ResumeAsk", "ResumeRefused",
-    "Snapshot", "SyncRequest", "WireMessage", "Withdraw", "decode", "encode",
+    "LinkCredit", "LinkFrames", "LinkInput", "LinkLost", "LinkOpen", "NodeMessage", "Reply", "Request", "ResumeAsk",
+    "ResumeRefused", "Snapshot", "SyncRequest", "WireMessage", "Withdraw", "decode", "encode",
 ]
