@@ -251,7 +251,7 @@ class Resumer:
         state = connection.resume
         return (self.enabled and self.remote is not None and state is not None and state.resumable
                 and not connection.closing and not connection.detached and connection.link is not None
-                and connection.proxy is None and connection.app_id in self.hosted)
+                and not connection.link.remote and connection.proxy is None and connection.app_id in self.hosted)
 
     def drain_remote(self) -> None:
         """The node starts draining: sockets serving apps of other nodes are sent elsewhere (1012)."""

@@ -218,6 +218,29 @@ async def test_rolling_restart_drains_to_the_other_node(broker: Broker) -> None:
                 assert moved.raw.close_code == 1001
 
 
+async def test_the_proxying_node_drains_the_client_comes_back_to_the_owner(broker: Broker) -> None:
+    async with two_nodes(broker) as (a, b, _gates), tcp_proxy(a.port) as proxy:
+        async with peer(proxy.ws_url() + AS_ALICE) as client:
+            await client.ack_synced()
+            app_id, token, last_seq = client.app_id, client.token, client.last_seq
+            connection = app_of(a, app_id)
+            await proxy.sever()
+            await a.eventually(lambda: connection.detached)
+        async with resumed(b.ws_url + AS_ALICE, app_id, token, last_seq) as (client, answer):
+            assert answer["data"]["resumed"] is True
+            await client.ack_synced()
+            token, last_seq = answer["data"]["resume_token"], client.last_seq
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(b.runtime.shutdown)  # B restarts: the socket it proxies goes at once
+                await client.raw.messages_until_close()
+                assert client.raw.close_code == 1012
+                await a.eventually(lambda: connection.detached)  # ... and the app waits on A
+                async with resumed(a.ws_url + AS_ALICE, app_id, token, last_seq) as (back, again):
+                    assert again["data"]["resumed"] is True
+                    reply = await back.request("ping", {}, "home")
+                    assert reply["message_id"] == "home"
+
+
 async def test_owner_killed_resume_answers_within_two_heartbeats(broker: Broker) -> None:
     env = node_env(broker.url, "k" + uuid.uuid4().hex[:12])
     async with node_process(env) as a, node_process(env) as b:
