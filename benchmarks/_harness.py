@@ -62,8 +62,10 @@ class Config:
     """WebSocket path; ``None`` means the workload's own ``path``."""
     uvicorn: UvicornSettings = field(default_factory=UvicornSettings)
     ready_timeout: float = 30.0
-    pin: bool = False
+    pin: bool = True
     """Pin servers to the last allowed CPU and the load generator(s) to the others."""
+    fresh: bool = True
+    """Start a fresh server process for every measurement (no state carried from earlier rounds)."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,20 @@ class LevelResult:
         sides = (side,) if side else ("target", "baseline")
         return [getattr(r, s) for r in self.rounds for s in sides]
 
+    def server_us_per_op(self, side: str) -> float:
+        """Median server CPU microseconds per operation of ``side`` (server CPU in the window / ops)."""
+        return _median_finite(
+            m.probe_cpu.get("server", math.nan) / m.rate * 1e6 if m.rate else math.nan for m in self.measurements(side)
+        )
+
+    @property
+    def cpu_ratio(self) -> float:
+        """baseline µs/op / target µs/op: the ratio in server CPU per operation (>1: target cheaper).
+
+        Unlike the rate ratio it does not need the server to be the bottleneck."""
+        target = self.server_us_per_op("target")
+        return self.server_us_per_op("baseline") / target if target else math.nan
+
     def server_cpu(self, side: str) -> float:
         """Median CPU use of ``side``'s server process during its windows (fraction of a core)."""
         return _median_finite(m.probe_cpu.get("server", math.nan) for m in self.measurements(side))
@@ -165,57 +181,57 @@ def cpu_split() -> tuple[frozenset[int], frozenset[int]]:
 
 
 def compare(workload: Workload, config: Config, log: Log = _stderr_log) -> list[LevelResult]:
-    """Run ``workload`` against ``config.target`` and ``config.baseline``, alternating, per level."""
+    """Run ``workload`` against ``config.target`` and ``config.baseline``, alternating, per level.
+
+    With ``config.fresh`` every measurement gets a new server process (started before, stopped after
+    it); otherwise both servers stay up for the whole run.
+    """
     path = config.path or workload.path
     server_cpus, loadgen_cpus = cpu_split() if config.pin else (None, None)
-    servers = {
-        side: ServerProcess(
-            app,
-            config.uvicorn,
-            label=side,
-            ready_path=path,
-            ready_timeout=config.ready_timeout,
-            cpus=server_cpus,
-        )
-        for side, app in (("target", config.target), ("baseline", config.baseline))
-    }
+    apps = {"target": config.target, "baseline": config.baseline}
+
+    def make(side: str) -> ServerProcess:
+        return ServerProcess(apps[side], config.uvicorn, label=side, ready_path=path,
+                             ready_timeout=config.ready_timeout, cpus=server_cpus)
+
     results: list[LevelResult] = []
-    with (
-        servers["target"],
-        servers["baseline"],
-        LoadGenerator(config.clients_procs, config.client_loop, loadgen_cpus) as loadgen,
-    ):
+    with contextlib.ExitStack() as stack:
+        loadgen = stack.enter_context(LoadGenerator(config.clients_procs, config.client_loop, loadgen_cpus))
+        shared = {} if config.fresh else {side: stack.enter_context(make(side)) for side in apps}
         for conc in config.concurrency:
             rounds: list[Round] = []
             for i in range(config.rounds):
                 order = ("target", "baseline") if i % 2 == 0 else ("baseline", "target")
                 got: dict[str, Measurement] = {}
                 for side in order:
-                    server = servers[side]
-                    server.check_alive()
-                    try:
-                        m = loadgen.measure(
-                            server.url(path),
-                            workload,
-                            conc,
-                            warmup=config.warmup,
-                            duration=config.duration,
-                            probes={"server": server.cpu_probe(), "system": SystemCpu()},
-                        )
-                    except LoadError:
-                        server.check_alive()  # a dead server is the better explanation, with its stderr
-                        raise
-                    server.check_alive()
+                    with contextlib.ExitStack() as per_round:
+                        server = shared[side] if side in shared else per_round.enter_context(make(side))
+                        server.check_alive()
+                        try:
+                            m = loadgen.measure(
+                                server.url(path),
+                                workload,
+                                conc,
+                                warmup=config.warmup,
+                                duration=config.duration,
+                                probes={"server": server.cpu_probe(), "system": SystemCpu()},
+                            )
+                        except LoadError:
+                            server.check_alive()  # a dead server is the better explanation, with its stderr
+                            raise
+                        server.check_alive()
                     got[side] = m
+                    us = m.probe_cpu["server"] / m.rate * 1e6 if m.rate else math.nan
                     log(
                         f"  c={conc:<4} round {i + 1}/{config.rounds} {side:<8} "
                         f"{m.rate:>11,.1f} {workload.unit}  CPU: server {_pct(m.probe_cpu['server']):>4} "
-                        f"loadgen {_pct(m.loadgen_cpu):>4} other {_pct(other_cpu(m)):>4}"
+                        f"({us:,.1f} us/op) loadgen {_pct(m.loadgen_cpu):>4} other {_pct(other_cpu(m)):>4}"
                     )
                 rounds.append(Round(i, order, got["target"], got["baseline"]))
             level = LevelResult(conc, tuple(rounds))
             lo, hi = level.ratio_range
-            log(f"  c={conc:<4} ratio of medians {level.ratio:.3f} (rounds {lo:.3f}-{hi:.3f})")
+            log(f"  c={conc:<4} ratio of medians {level.ratio:.3f} (rounds {lo:.3f}-{hi:.3f}), "
+                f"server us/op {level.server_us_per_op('target'):.1f}/{level.server_us_per_op('baseline'):.1f}")
             results.append(level)
     return results
 
@@ -237,6 +253,8 @@ def format_table(workload: Workload, config: Config, results: Sequence[LevelResu
         "ratio",
         "round ratios",
         "server CPU T/B",
+        "server us/op T/B",
+        "cpu ratio",
         "loadgen CPU T/B",
         "other CPU",
         "",
@@ -267,6 +285,8 @@ def format_table(workload: Workload, config: Config, results: Sequence[LevelResu
                 f"{lv.ratio:.3f}",
                 f"{lo:.3f}-{hi:.3f}",
                 f"{_pct(lv.server_cpu('target'))}/{_pct(lv.server_cpu('baseline'))}",
+                f"{lv.server_us_per_op('target'):.1f}/{lv.server_us_per_op('baseline'):.1f}",
+                f"{lv.cpu_ratio:.3f}",
                 f"{_pct(gen_t)}/{_pct(gen_b)}",
                 _pct(lv.other_cpu),
                 flags,
@@ -283,6 +303,9 @@ def format_table(workload: Workload, config: Config, results: Sequence[LevelResu
         f"  baseline = {config.baseline}",
         "  ratio    = target median / baseline median (>1: target faster); round ratios = min-max per round",
         "  CPU      = % of one core in the windows: server & busiest loadgen process (medians), other processes (max)",
+        "  us/op    = server CPU microseconds per operation (medians); cpu ratio = baseline us/op / target us/op",
+        f"  servers  = {'fresh per measurement' if config.fresh else 'one per side for the whole run'}, "
+        f"{'pinned to one CPU, load generator on the others' if config.pin else 'not pinned'}",
         "",
         *table,
     ]
@@ -345,7 +368,9 @@ def to_json(workload: Workload, config: Config, results: Sequence[LevelResult], 
             "clients_procs": config.clients_procs,
             "client_loop": config.client_loop,
             "pin": config.pin,
-            "servers": "both up for the whole run, measured alternately (one under load at a time)",
+            "fresh": config.fresh,
+            "servers": ("a fresh server per measurement" if config.fresh
+                        else "both up for the whole run, measured alternately (one under load at a time)"),
             "order": "target first in even rounds, baseline first in odd rounds",
         },
         "levels": [
@@ -357,6 +382,8 @@ def to_json(workload: Workload, config: Config, results: Sequence[LevelResult], 
                 "ratio_min": lv.ratio_range[0],
                 "ratio_max": lv.ratio_range[1],
                 "round_ratio_median": lv.round_ratio_median,
+                "server_us_per_op": {s: num(lv.server_us_per_op(s)) for s in ("target", "baseline")},
+                "cpu_ratio": num(lv.cpu_ratio),
                 "server_cpu_median": {s: num(lv.server_cpu(s)) for s in ("target", "baseline")},
                 "loadgen_cpu_median": {s: num(lv.loadgen_cpu(s)) for s in ("target", "baseline")},
                 "other_cpu_max": num(lv.other_cpu),
@@ -425,9 +452,17 @@ def build_parser(
     p.add_argument("--http", default="auto", help="uvicorn --http for both servers (auto)")
     p.add_argument("--lifespan", default="auto", choices=["auto", "on", "off"], help="uvicorn --lifespan (auto)")
     p.add_argument(
-        "--pin",
-        action="store_true",
-        help="pin each server to the last CPU and the load generator(s) to the others (Linux)",
+        "--no-pin",
+        dest="pin",
+        action="store_false",
+        help="do not pin each server to the last CPU and the load generator(s) to the others (pinned by default)",
+    )
+    p.add_argument("--pin", dest="pin", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--reuse-servers",
+        dest="fresh",
+        action="store_false",
+        help="one server per side for the whole run instead of a fresh one per measurement",
     )
     p.add_argument("--ready-timeout", type=_positive_float, default=30.0, help="server start deadline, s (30)")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write results as JSON here")
@@ -449,6 +484,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         uvicorn=UvicornSettings(ws=args.ws, loop=args.loop, http=args.http, lifespan=args.lifespan),
         ready_timeout=args.ready_timeout,
         pin=args.pin,
+        fresh=args.fresh,
     )
 
 

@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Sequence
 
 import uvicorn
@@ -69,7 +70,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         log_level=args.log_level,
         access_log=False,
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn.Server(config)
+    profile_dir = os.environ.get("BENCH_CPROFILE_DIR")
+    if not profile_dir:
+        server.run(sockets=[sock])
+        return
+    # Profiling aid (docs/performance.md): the whole server run under cProfile, written on exit.
+    import cProfile
+
+    def leave(signum: int, frame: object) -> None:  # uvicorn re-raises the signal after its shutdown
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, leave)
+    # CPU time, not wall time: a coroutine suspended across the event loop is not charged for waiting.
+    profiler = cProfile.Profile(time.process_time)
+    try:
+        profiler.runcall(server.run, sockets=[sock])
+    finally:
+        profiler.dump_stats(os.path.join(profile_dir, f"{args.app.replace(':', '.')}-{os.getpid()}.prof"))
 
 
 if __name__ == "__main__":

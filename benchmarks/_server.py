@@ -94,8 +94,11 @@ class ServerProcess:
         ready_path: str = "/api/ws",
         ready_timeout: float = 30.0,
         cpus: frozenset[int] | None = None,
+        wrapper: tuple[str, ...] = (),
     ) -> None:
         self.app = app
+        self.wrapper = wrapper
+        """A command the server runs under (e.g. ``valgrind --tool=callgrind``), empty for none."""
         self.cpus = cpus
         self.settings = settings
         self.label = label
@@ -134,7 +137,8 @@ class ServerProcess:
             # Append mode: the child shares this file offset, and stderr_tail() seeks it.
             self._stderr = tempfile.TemporaryFile(mode="a+b", prefix="bench-server-")  # noqa: SIM115 - closed in stop()
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "benchmarks._serve", self.app, "--fd", str(fd), *self._extra_argv()],
+                [*self.wrapper, sys.executable, "-m", "benchmarks._serve", self.app, "--fd", str(fd),
+                 *self._extra_argv()],
                 cwd=REPO_ROOT,
                 stdin=subprocess.DEVNULL,
                 stdout=self._stderr,

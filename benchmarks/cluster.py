@@ -236,7 +236,11 @@ async def run_backplane(kind: str, args: argparse.Namespace) -> list[Row]:
     cluster_env = {"LLMGINE_API_BACKPLANE": "", "LLMGINE_API_CLUSTER_NAME": "bench" + uuid.uuid4().hex[:8],
                    "LLMGINE_API_HEARTBEAT_INTERVAL": "1", "LLMGINE_API_PING_INTERVAL": "0",
                    "LLMGINE_API_OUTBOUND_QUEUE_SIZE": str(max(256, 2 * args.broadcasts)),
-                   "LLMGINE_API_MAX_PENDING_REQUESTS": "256"}
+                   "LLMGINE_API_MAX_PENDING_REQUESTS": "256",
+                   # A load test, not a rate-limit test: the default broadcast limit (50/s, burst 100)
+                   # made /bench/broadcast answer 500 (limit_hit limit=broadcast) mid-run.
+                   "LLMGINE_API_BROADCAST_RATE_LIMIT": "0", "LLMGINE_API_RATE_LIMIT": "0",
+                   "LLMGINE_API_MAX_CONNECTIONS_PER_IP": "100000", "LLMGINE_API_LOG_LEVEL": "warning"}
     with broker(kind) as url:
         cluster_env["LLMGINE_API_BACKPLANE"] = url
         standalone_env = {**cluster_env, "LLMGINE_API_BACKPLANE": "memory"}

@@ -21,6 +21,11 @@ from benchmarks.workloads import EngineStreamWorkload
 
 if __name__ == "__main__":
     os.environ.setdefault("LLMGINE_API_RATE_LIMIT", "0")
+    os.environ.setdefault("LLMGINE_API_LOG_LEVEL", "warning")  # no INFO line per connection, like the bare apps
+    # One frame per event, as the bare loop sends: this measures the per-event cost (coalesced token
+    # streams are W6, llm_answers.py).
+    os.environ.setdefault("LLMGINE_API_ENGINE_EVENT_COALESCE_MS", "0")
+    os.environ.setdefault("LLMGINE_API_MAX_CONNECTIONS_PER_IP", "100000")  # 256 connections from 127.0.0.1
     events = 100
     if "--events" in sys.argv:
         position = sys.argv.index("--events")

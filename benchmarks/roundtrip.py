@@ -23,4 +23,6 @@ if __name__ == "__main__":
     # The per-connection rate limit (a security default) would turn a load test into a rate-limit
     # test; liveness pings are irrelevant here. Both are inherited by the server processes.
     os.environ.setdefault("LLMGINE_API_RATE_LIMIT", "0")
+    os.environ.setdefault("LLMGINE_API_LOG_LEVEL", "warning")  # no INFO line per connection, like the bare apps
+    os.environ.setdefault("LLMGINE_API_MAX_CONNECTIONS_PER_IP", "100000")  # 256 connections from 127.0.0.1
     sys.exit(main(PingWorkload(), description=__doc__ or ""))

@@ -173,3 +173,57 @@ class EngineStreamWorkload(Workload):
                         raise LoadError(f"unexpected reply to {message_id}: {bytes(msg.data)[:200]!r}")
                     break
         return received
+
+
+class ServerRequestWorkload(Workload):
+    """Server→client awaited round trips (W2): the server asks, the client answers, the server asks again.
+
+    Each connection sends one ``bench_ask`` message; from then on the server runs a closed loop of
+    ``send_to_app_and_wait(app_id, "server_request", {"request_type": "bench"})`` on that connection
+    (``benchmarks.ask_app``; the bare baseline ``benchmarks.bare_ask`` does the same by hand). The
+    client answers every ``server_request`` at once with a ``server_response`` repeating its
+    message_id. One operation = one answered request (one awaited round trip, driven by the server).
+    When the window is over the client stops answering and closes: the server's pending request fails
+    with ``AppDisconnected`` and its loop ends.
+    """
+
+    name = "server-request"
+    unit = "round trips/s"
+    path = "/api/ws"
+
+    async def on_connect(self, ws: ClientConnection, index: int) -> None:
+        await expect_connected(ws)
+
+    async def run(self, ws: ClientConnection, ctx: ConnContext) -> int:
+        window = ctx.window
+        await ws.send(_encode(Reply("bench_ask", "go", {})), text=True)
+        answered = 0
+        while not window.over():
+            raw = await ws.recv(decode=False)
+            msg = _decode(raw)
+            if msg.type == "server_request":
+                await ws.send(_encode(Answer("server_response", msg.message_id or "", _BENCH_ANSWER)), text=True)
+                if window.measuring():
+                    answered += 1
+            elif msg.type == "server_ping":
+                await answer_server_ping(ws, msg)
+            elif msg.type == "error":
+                raise LoadError(f"the server answered bench_ask with an error: {bytes(raw)[:200]!r}")
+        return answered
+
+
+class AnswerData(msgspec.Struct):
+    """``data`` of a ``server_response``."""
+
+    response_type: str
+
+
+class Answer(msgspec.Struct):
+    """A ``server_response``."""
+
+    type: str
+    message_id: str
+    data: AnswerData
+
+
+_BENCH_ANSWER = AnswerData("bench")

@@ -60,6 +60,14 @@ In variables, lists are comma-separated (`LLMGINE_API_ALLOWED_ORIGINS=https://a.
 booleans are `true`/`false`, and `LLMGINE_API_CUSTOM` is a JSON object. Secrets (marked 🔒) never
 appear in reprs, error messages or `/api/info`.
 
+Mistakes are caught at startup: a value out of range (`LLMGINE_API_RATE_LIMIT=-1`) is a `ConfigError`
+naming the variable; an origin without its scheme (`LLMGINE_API_ALLOWED_ORIGINS=example.com`, which no
+browser sends) is refused; a setting whose optional dependency is missing (`LLMGINE_API_JWT_KEY`
+without the `jwt` extra) is a `ConfigError` too (`MissingExtra`). The CLI prints each as one
+`llmgine-ws: …` line and exits with status 2. A `LLMGINE_API_*` variable that is no setting (a typo:
+`…_MAX_SESION` for `…_MAX_SESSIONS`) does not stop the server but warns (`ConfigWarning`), naming the closest
+valid variable.
+
 | field | variable | type | default | description |
 | --- | --- | --- | --- | --- |
 """

@@ -15,7 +15,9 @@ then drive it with ``python examples/chat_client.py`` (or any client speaking th
 
 from __future__ import annotations
 
+import hmac
 import logging
+import math
 import os
 from typing import Any
 
@@ -119,10 +121,14 @@ class ChatEngine:
     async Python, and a ``cancel`` from the client interrupts it at its next ``await``.
     """
 
+    MAX_TOKEN_DELAY = 30.0
+    """The client's config is the client's word: every value from it is bounded (a ``token_delay`` of
+    ``1e308`` would hold the command, and its engine, forever)."""
+
     def __init__(self, session: Session, config: dict[str, Any]) -> None:
         self.session = session
-        self.name = str(config.get("name", "Ada"))
-        self.token_delay = float(config.get("token_delay", 0.03))
+        self.name = str(config.get("name", "Ada"))[:64]
+        self.token_delay = _bounded(config.get("token_delay"), default=0.03, high=self.MAX_TOKEN_DELAY)
         self.history: list[tuple[str, str]] = []
 
     async def start(self) -> None:
@@ -158,6 +164,15 @@ class ChatEngine:
     async def stop(self) -> None:
         logger.info("chat engine for session %s stopped after %d turn(s)", self.session.session_id,
                     len(self.history))
+
+
+def _bounded(value: Any, *, default: float, high: float) -> float:
+    """``value`` as a number in ``[0, high]``; ``default`` if it is not a finite number."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return default
+    return min(max(number, 0.0), high) if math.isfinite(number) else default
 
 
 # ------------------------------------------------------------------ a backend using the messaging API
@@ -198,11 +213,26 @@ def build_app(config: APIConfig | None = None) -> Any:
     extensions.register_connection_callback("disconnect", on_disconnected)
 
     async def ask(request: Request) -> JSONResponse:
-        """``POST /demo/ask/{app_id}`` with ``{"prompt": ...}``: a backend asking a user from HTTP."""
-        body = await request.json()
+        """``POST /demo/ask/{app_id}`` with ``{"prompt": ...}``: a backend asking a user from HTTP.
+
+        Only for whoever holds the admin token (``LLMGINE_API_ADMIN_TOKEN``, as ``Authorization: Bearer``):
+        an open route would let anyone put questions to any connected user. Without an admin token
+        configured the route is closed.
+        """
+        expected = app_config.admin_token
+        presented = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not expected or not hmac.compare_digest(presented.encode(), expected.encode()):
+            return JSONResponse({"error": "this route needs the admin token"}, status_code=403)
         try:
-            answer = await backend.request_user_input(request.path_params["app_id"], str(body.get("prompt", "?")),
-                                                      timeout=float(body.get("timeout", 30)))
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return JSONResponse({"error": "expected a JSON object"}, status_code=400)
+        try:
+            prompt = str(body.get("prompt", "?"))[:1000]
+            answer = await backend.request_user_input(request.path_params["app_id"], prompt,
+                                                      timeout=_bounded(body.get("timeout"), default=30, high=300))
         except AppNotConnected:
             return JSONResponse({"error": "app not connected"}, status_code=404)
         except TimeoutError:
@@ -210,7 +240,8 @@ def build_app(config: APIConfig | None = None) -> Any:
         return JSONResponse({"answer": answer})
 
     extensions.add_route(Route("/demo/ask/{app_id}", ask, methods=["POST"]))
-    app = create_app(config or APIConfig.from_env(title="LLMgine chat example"), extensions)
+    app_config = config or APIConfig.from_env(title="LLMgine chat example")
+    app = create_app(app_config, extensions)
     backend = MyCustomBackend(extensions.get_messaging_api())
     app.state.custom_backend = backend
     return app

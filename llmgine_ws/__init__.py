@@ -4,8 +4,8 @@ Start with :func:`create_app`; extend with :class:`Extensions`; reach clients fr
 the :class:`MessagingAPI` (``extensions.get_messaging_api()`` or :func:`get_messaging_api`).
 """
 
-from .app import create_app, get_messaging_api
-from .config import APIConfig, ConfigError
+from .app import create_app, get_messaging_api, lifespan, mount
+from .config import APIConfig, ConfigError, ConfigWarning
 from .context import NO_REPLY, HandlerContext
 from .engines import Engine, EngineContext
 from .errors import (
@@ -37,6 +37,7 @@ __all__ = [
     "BackplaneUnavailable",
     "BlockingMessagingAPI",
     "ConfigError",
+    "ConfigWarning",
     "Engine",
     "EngineContext",
     "ErrorCode",
@@ -57,4 +58,6 @@ __all__ = [
     "create_app",
     "get_messaging_api",
     "get_runtime",
+    "lifespan",
+    "mount",
 ]

@@ -31,7 +31,7 @@ import msgspec
 from starlette.datastructures import Headers, QueryParams
 from starlette.types import Scope
 
-from .config import APIConfig
+from .config import APIConfig, MissingExtra, env_variable
 
 AUTH_SUBPROTOCOL_PREFIX = "llmgine.auth."
 
@@ -124,8 +124,18 @@ def _b64encode(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
+_B64URL = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
 def _b64decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    """Strict unpadded base64url: each value has exactly one accepted spelling (no padding, no other
+    characters, no unused bits set in the last character), so a token cannot be re-spelt."""
+    if len(text) % 4 == 1 or not _B64URL.issuperset(text):
+        raise ValueError("not canonical base64url")
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if _b64encode(data) != text:
+        raise ValueError("not canonical base64url")
+    return data
 
 
 TOKEN_VERSION = "v1"
@@ -193,7 +203,7 @@ class JWTAuthenticator:
         try:
             import jwt
         except ImportError as exc:  # pragma: no cover - depends on the installed extras
-            raise RuntimeError('JWT authentication needs the "jwt" extra: pip install "llmgine-ws[jwt]"') from exc
+            raise MissingExtra('JWT authentication needs the "jwt" extra: pip install "llmgine-ws[jwt]"') from exc
         if not key:
             raise ValueError("JWTAuthenticator needs a key")
         self._jwt = jwt
@@ -215,7 +225,7 @@ class JWTAuthenticator:
             )
         except self._jwt.ExpiredSignatureError:
             raise AuthenticationFailed("token expired") from None
-        except self._jwt.InvalidTokenError as exc:
+        except self._jwt.PyJWTError as exc:  # InvalidKeyError too: an RS256 token against an HMAC secret...
             raise AuthenticationFailed(f"invalid JWT: {type(exc).__name__}") from None
         return Principal(user_id=str(claims["sub"]), claims=claims, method="jwt")
 
@@ -248,8 +258,11 @@ def authenticator_from_config(config: APIConfig) -> Authenticator | None:
     if config.token_secret:
         configured.append(TokenAuthenticator(config.token_secret))
     if config.jwt_key:
-        configured.append(JWTAuthenticator(config.jwt_key, algorithms=config.jwt_algorithms,
-                                           audience=config.jwt_audience, issuer=config.jwt_issuer))
+        try:
+            configured.append(JWTAuthenticator(config.jwt_key, algorithms=config.jwt_algorithms,
+                                               audience=config.jwt_audience, issuer=config.jwt_issuer))
+        except MissingExtra as exc:
+            raise MissingExtra(f"{env_variable('jwt_key')} is set: {exc}") from None
     if not configured:
         return None
     return configured[0] if len(configured) == 1 else any_of(*configured)

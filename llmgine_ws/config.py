@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -25,6 +28,14 @@ def env_variable(field: str) -> str:
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the variable or field."""
+
+
+class MissingExtra(ConfigError, RuntimeError):
+    """A setting needs an optional dependency that is not installed (e.g. ``jwt_key`` without the ``jwt`` extra)."""
+
+
+class ConfigWarning(UserWarning):
+    """A likely configuration mistake that does not stop the app (e.g. a misspelled variable)."""
 
 
 class APIConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -84,6 +95,16 @@ class APIConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields
     separators, not only characters. One request alone is always admitted."""
     max_message_size: int = 1024 * 1024
     """Largest frame accepted from a client (bytes); a larger one closes the connection with 1009."""
+    ws_per_message_deflate: bool = False
+    """Negotiate permessage-deflate (compressed frames) with clients that offer it (the CLI's transport).
+    Off by default: a 1 KiB compressed frame can inflate to ``max_message_size`` and costs the server
+    the CPU to inflate it, so a few connections can saturate a core."""
+    handshake_timeout: float = 10.0
+    """Seconds a client may take to send the complete headers of each HTTP request (the WebSocket upgrade
+    included) before the connection is closed with 408 (the CLI's transport; slowloris protection)."""
+    max_header_bytes: int = 16 * 1024
+    """Largest request line plus headers of an HTTP request (the WebSocket upgrade included); larger gets
+    431 (the CLI's transport)."""
 
     engine_start_timeout: float = 30.0
     """Deadline for an engine's factory and ``start()`` (seconds); past it ``ENGINE_CREATION_FAILED``."""
@@ -91,6 +112,14 @@ class APIConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields
     """Deadline for an engine's ``stop()`` on every path that ends it (seconds)."""
     engine_idle_timeout: float = 900.0
     """Seconds an engine may sit with no command before it is stopped."""
+    engine_event_coalesce_ms: float = 25.0
+    """Coalescing of streamed tokens: the ``token`` deltas (payload ``{"text": …}``) a command emits
+    within this many milliseconds go out as one ``engine_event`` carrying their concatenated text and
+    ``coalesced``: how many deltas it merged. Other events are never merged or reordered; a client too
+    slow to keep up gets bigger batches instead of waiting engines. 0 turns it off (one frame per event)."""
+    engine_event_coalesce_bytes: int = 64 * 1024
+    """The most characters of token text one coalesced ``engine_event`` carries (a single larger
+    delta still goes out, alone)."""
     callback_timeout: float = 10.0
     """Deadline for each connection/session callback (seconds); a slow one is abandoned and logged."""
 
@@ -184,19 +213,23 @@ class APIConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields
                      "max_inflight_bytes", "max_sessions_per_ip", "max_sessions_per_user", "user_rate_burst",
                      "max_inflight_requests",
                      "max_message_size", "max_pending_requests", "max_connections", "max_connections_per_ip",
-                     "max_sessions_per_connection", "rate_burst", "rate_limit_strikes", "broadcast_burst",
-                     "resume_buffer_bytes", "resume_node_buffer_bytes", "resume_dedupe_entries"):
+                     "max_sessions_per_connection", "engine_event_coalesce_bytes", "rate_burst",
+                     "max_header_bytes", "rate_limit_strikes", "broadcast_burst", "resume_buffer_bytes",
+                     "resume_node_buffer_bytes", "resume_dedupe_entries"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
         if self.port > 65535:
             raise ValueError("port must be <= 65535")
         for name in ("session_timeout", "session_reap_interval", "server_request_timeout", "send_grace",
                      "shutdown_timeout", "drain_timeout", "engine_start_timeout", "engine_stop_timeout",
-                     "engine_idle_timeout", "callback_timeout"):
+                     "engine_idle_timeout", "callback_timeout", "handshake_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0")
-        if self.rate_limit < 0 or self.broadcast_rate_limit < 0 or self.user_rate_limit < 0:
-            raise ValueError("rate limits must be >= 0 (0 turns a limit off)")
+        for name in ("rate_limit", "broadcast_rate_limit", "user_rate_limit"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0 (0 turns the limit off)")
+        for origin in self.allowed_origins:
+            check_origin(origin)
         for proxy in self.trusted_proxies:
             try:
                 ipaddress.ip_network(proxy, strict=False)
@@ -204,6 +237,8 @@ class APIConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields
                 raise ValueError(f"trusted_proxies: {proxy!r} is not an IP address or network") from None
         if self.resume_window < 0:
             raise ValueError("resume_window must be >= 0 (0 turns resume off)")
+        if not 0 <= self.engine_event_coalesce_ms <= 60_000:
+            raise ValueError("engine_event_coalesce_ms must be between 0 (off) and 60000")
         if self.ping_interval < 0:
             raise ValueError("ping_interval must be >= 0 (0 disables server pings)")
         if not self.ws_path.startswith("/"):
@@ -226,6 +261,7 @@ class APIConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields
         Raises :class:`ConfigError` naming the variable when a value is invalid.
         """
         environ = os.environ if environ is None else environ
+        warn_unknown_variables(environ)
         raw: dict[str, Any] = {}
         for name in cls.__struct_fields__:
             variable = env_variable(name)
@@ -273,6 +309,43 @@ def backplane_kind(url: str) -> str:
     if kind is None:
         raise ValueError("backplane must be 'memory', 'nats://…', 'tls://…', 'redis://…' or 'rediss://…'")
     return kind
+
+
+def check_origin(origin: str) -> None:
+    """Raise ``ValueError`` unless ``origin`` is ``*`` or ``scheme://host[:port]`` (what browsers send)."""
+    if origin == "*":
+        return
+    try:
+        parts = urlsplit(origin)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") \
+            or parts.query or parts.fragment:
+        example = f"https://{origin}" if "://" not in origin else "https://app.example.com"
+        raise ValueError(f"allowed_origins: {origin!r} is not an origin: write it as browsers send it, "
+                         f"scheme://host[:port] (e.g. {example!r}), or '*'")
+
+
+def known_variables() -> dict[str, str]:
+    """Every ``LLMGINE_API_*`` variable :meth:`APIConfig.from_env` reads → its field."""
+    return {env_variable(name): name for name in APIConfig.__struct_fields__}
+
+
+def warn_unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """Warn (:class:`ConfigWarning`) about each ``LLMGINE_API_*`` variable that is no setting, naming the
+    closest valid one: a misspelled variable would otherwise be ignored without a word. Returns the
+    warnings' texts."""
+    known = known_variables()
+    texts = []
+    for variable in sorted(environ):
+        if not variable.startswith(ENV_PREFIX) or variable in known:
+            continue
+        close = difflib.get_close_matches(variable, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else " (see docs/configuration.md)"
+        texts.append(f"{variable} is not an llmgine_ws setting and is ignored{hint}")
+        warnings.warn(texts[-1], ConfigWarning, stacklevel=2)  # one place: shown once per process
+    return texts
 
 
 def check_cluster_name(name: str) -> None:

@@ -6,7 +6,9 @@ writer task (see :mod:`llmgine_ws.endpoint`), so no two tasks ever write to the 
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -19,8 +21,9 @@ from anyio.abc import TaskGroup
 
 from .audit import AuditLog
 from .errors import AppDisconnected, ErrorCode, ProtocolError
+from .lifecycle import LazyEvent
 from .outbox import Outbox, OutboxClosed
-from .protocol import utcnow
+from .protocol import AnswerCheck, utcnow
 from .replay import ResumeState
 from .security import RateLimiter, TokenBucket
 
@@ -91,7 +94,7 @@ class Link:
         self.close_reason = ""
         self.lost = False
         """The link failed (unanswered pings, a stalled or failed write): a drop, not a goodbye."""
-        self.released = anyio.Event()
+        self.released = LazyEvent()
         """Set once the endpoint is done with the socket (its close frame sent)."""
         self.task_group: TaskGroup | None = None
 
@@ -105,38 +108,84 @@ class Link:
 
 
 class PendingRequest:
-    """A server request waiting for the client's ``server_response``."""
+    """A server request waiting for the client's ``server_response``.
 
-    __slots__ = ("_done", "_error", "_response", "app_id", "frame", "message_id")
+    On asyncio the waiter is a bare future and the timeout a loop timer (no cancel scope, no
+    ``anyio.Event``: this is the per-request cost of ``send_to_app_and_wait``, see
+    docs/performance.md); on any other backend an ``anyio.Event`` under ``anyio.fail_after``.
+    The outcome is the same either way: the answer, the error given to :meth:`fail`, or
+    ``TimeoutError``.
+    """
 
-    def __init__(self, app_id: str, message_id: str, frame: str = "") -> None:
+    __slots__ = ("_done", "_error", "_future", "_response", "_settled", "app_id", "check", "frame", "message_id",
+                 "refused")
+
+    def __init__(self, app_id: str, message_id: str, check: AnswerCheck | None = None, *, frame: str = "") -> None:
         self.app_id = app_id
         self.message_id = message_id
         self.frame = frame
         """The request as sent (sent again after a resume)."""
-        self._done = anyio.Event()
+        self.check = check
+        """Why an answer does not fit the question (it is then refused and the question stays open)."""
+        self.refused = False
+        """An answer was refused: further answers cost like any message (no free retries under the rate limit)."""
+        loop = asyncio._get_running_loop()  # None outside asyncio (trio), where anyio's Event serves
+        self._future: asyncio.Future[None] | None = loop.create_future() if loop is not None else None
+        self._done: anyio.Event | None = None if loop is not None else anyio.Event()
+        self._settled = False
         self._response: dict[str, Any] | None = None
         self._error: BaseException | None = None
 
+    def _wake(self) -> None:
+        future = self._future
+        if future is not None:
+            if not future.done():
+                future.set_result(None)
+        elif self._done is not None:
+            self._done.set()
+
     def resolve(self, data: dict[str, Any]) -> None:
         """Deliver the client's answer (first outcome wins)."""
-        if not self._done.is_set():
+        if not self._settled:
+            self._settled = True
             self._response = data
-            self._done.set()
+            self._wake()
 
     def fail(self, error: BaseException) -> None:
         """Fail the waiter with ``error`` (first outcome wins)."""
-        if not self._done.is_set():
+        if not self._settled:
+            self._settled = True
             self._error = error
-            self._done.set()
+            self._wake()
 
-    async def wait(self) -> dict[str, Any]:
-        """Wait for the outcome; raises what :meth:`fail` was given."""
-        await self._done.wait()
+    def _expire(self) -> None:
+        self.fail(TimeoutError())
+
+    async def wait(self, timeout: float = math.inf) -> dict[str, Any]:
+        """Wait for the outcome, at most ``timeout`` seconds (then ``TimeoutError``); raises what
+        :meth:`fail` was given."""
+        future = self._future
+        if future is None:
+            assert self._done is not None
+            with anyio.fail_after(timeout):
+                await self._done.wait()
+        elif not self._settled:
+            timer = future.get_loop().call_later(timeout, self._expire) if timeout < _FOREVER else None
+            try:
+                await future
+            finally:
+                if timer is not None:
+                    timer.cancel()
+        else:
+            await anyio.lowlevel.checkpoint()
         if self._error is not None:
             raise self._error
         assert self._response is not None
         return self._response
+
+
+_FOREVER = 10.0 ** 9
+"""Timeouts from here on are no timeout (a loop timer cannot take ``math.inf``)."""
 
 
 class Connection:
@@ -182,7 +231,7 @@ class Connection:
         self.closing = False
         self.flushing = False
         """A close waits behind the frames already queued (see :meth:`close`)."""
-        self.closed = anyio.Event()
+        self.closed = LazyEvent()
         """Set once the connection has been cleaned up and forgotten by the hub."""
         self._send_grace = send_grace
         self.outbox: Outbox[OutboundItem] = Outbox(queue_size, queue_bytes)
@@ -429,8 +478,9 @@ class Connection:
             self._task_group.cancel_scope.cancel()
 
     def awaits_answer(self, message_id: str) -> bool:
-        """Whether a server request or ping with this message_id waits for this client's answer."""
-        return message_id in self.pending or message_id in self.unanswered_pings
+        """Whether a server request or ping with this message_id waits for this client's (first) answer."""
+        pending = self.pending.get(message_id)
+        return (pending is not None and not pending.refused) or message_id in self.unanswered_pings
 
     def changed(self) -> None:
         """Tell the app's state watch that this connection changed (requests, pending, closing)."""

@@ -9,7 +9,7 @@ import anyio
 
 from .config import APIConfig
 from .connection import Connection
-from .lifecycle import Lifecycle
+from .lifecycle import Host, Lifecycle
 from .messaging import MessagingAPI, ServerResponse
 from .protocol import FrameEncoder
 from .sessions import Session, SessionStore
@@ -21,11 +21,12 @@ NO_REPLY: Any = object()
 class Services:
     """What every handler of one app can reach; shared by all of the app's handler contexts."""
 
-    __slots__ = ("app", "config", "encoder", "lifecycle", "messaging", "sessions")
+    __slots__ = ("app", "config", "encoder", "host", "lifecycle", "messaging", "sessions")
 
     def __init__(self, config: APIConfig, messaging: MessagingAPI, sessions: SessionStore, encoder: FrameEncoder,
-                 lifecycle: Lifecycle) -> None:
+                 lifecycle: Lifecycle, host: Host | None = None) -> None:
         self.config = config
+        self.host = Host() if host is None else host
         self.messaging = messaging
         self.sessions = sessions
         self.encoder = encoder
@@ -80,6 +81,17 @@ class HandlerContext:
     def starlette_app(self) -> Any:
         """The Starlette app serving this connection (``starlette_app.state`` holds your own objects)."""
         return self._services.app
+
+    @property
+    def host_app(self) -> Any:
+        """The app serving this connection as the user sees it: the FastAPI/Starlette app llmgine_ws is
+        mounted in (with ``llmgine_ws.mount`` / ``llmgine_ws.lifespan``), else the llmgine_ws app itself."""
+        return self._services.host.app
+
+    @property
+    def state(self) -> Any:
+        """``host_app.state``: what the host app keeps for its request handlers (a db pool, clients)."""
+        return self.host_app.state
 
     @property
     def app(self) -> Any:

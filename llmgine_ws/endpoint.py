@@ -13,7 +13,7 @@ import logging
 import time
 
 import anyio
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from .connection import (
@@ -25,8 +25,10 @@ from .connection import (
     Connection,
     DetachRequest,
     Link,
+    OutboundItem,
 )
 from .errors import AppDisconnected, ErrorCode, ProtocolError
+from .lifecycle import LazyEvent
 from .outbox import OutboxClosed
 from .protocol import ServerPingData, new_message_id, utcnow
 from .runtime import Runtime
@@ -37,6 +39,10 @@ BINARY_FRAME_ERROR = ProtocolError(
     ErrorCode.WEBSOCKET_ERROR, "binary frames are not accepted: send each message as a JSON text frame",
     {"frame": "binary"},
 )
+DROP_CODES = frozenset({1001, 1005, 1006, 1012, 1014})
+"""Close codes from the client side that are a drop (going away, no close frame, connection lost,
+restart, bad gateway): a resumable app is detached. Any other (1000: goodbye; 1002, 1007, 1009…: the
+client broke the protocol) ends it."""
 CLOSE_FRAME_TIMEOUT = 1.0
 """How long the close frame may take to go out before cleanup goes on without it."""
 
@@ -78,7 +84,7 @@ class MessageEndpoint:
         runtime = self.runtime
         async with anyio.create_task_group() as tg:
             link.task_group = tg
-            writer_done = anyio.Event()
+            writer_done = LazyEvent()
             tg.start_soon(self._write, link, send, writer_done)
             if runtime.config.ping_interval > 0:
                 tg.start_soon(self._keepalive, link)
@@ -97,8 +103,8 @@ class MessageEndpoint:
                             with anyio.move_on_after(runtime.config.send_grace):
                                 await writer_done.wait()
                         code = link.close_code if link.close_code is not None else WS_GOING_AWAY
-                        goodbye = peer_gone and code == WS_NORMAL
-                        if app.closing or goodbye or not runtime.resumer.detach(app, code, "connection lost"):
+                        dropped = link.lost or (peer_gone and code in DROP_CODES)  # not a goodbye (1000)
+                        if app.closing or not dropped or not runtime.resumer.detach(app, code, "connection lost"):
                             ending = app
                             app.lose()
                             app.close(code, link.close_reason)
@@ -122,7 +128,10 @@ class MessageEndpoint:
         max_size = self.runtime.config.max_message_size
         dispatcher = self.runtime.dispatcher
         dispatch = dispatcher.dispatch
+        message: Message | None
+        text: str | None
         while True:
+            message = text = None  # an idle connection keeps no reference to the last frame it read
             message = await receive()
             kind = message["type"]
             connection = link.app  # changes when this socket resumes another app
@@ -160,8 +169,9 @@ class MessageEndpoint:
             elif dispatcher.within_rate_limit(connection, None):
                 connection.send_soon(self.runtime.encoder.error(None, BINARY_FRAME_ERROR))
 
-    async def _write(self, link: Link, send: Send, done: anyio.Event) -> None:
+    async def _write(self, link: Link, send: Send, done: LazyEvent) -> None:
         connection = link.app
+        item: OutboundItem | None
         try:
             while True:
                 connection = link.app
@@ -180,6 +190,7 @@ class MessageEndpoint:
                                 connection.close(item.code, item.reason)
                             return
                         await send({"type": "websocket.send", "text": item})
+                        item = None  # an idle connection keeps no reference to the last frame it wrote
                 except OutboxClosed:
                     if link.app is connection:
                         return

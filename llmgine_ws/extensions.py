@@ -7,12 +7,14 @@ built once from everything registered), and one ``Extensions`` serves exactly on
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import msgspec
 from starlette.routing import BaseRoute
 
 from .context import HandlerContext
@@ -68,13 +70,24 @@ class Extensions:
         handler: Handler,
         *,
         response_type: str | None = None,
+        forbid_unknown_fields: bool = True,
     ) -> None:
         """Handle client messages of ``message_type`` whose ``data`` decodes as ``data_type``.
 
         ``data_type`` is a msgspec ``Struct`` (or any type msgspec can decode, e.g.
         ``dict[str, Any]``). The handler's return value (a struct, a mapping or ``None`` for ``{}``)
         is sent back as ``response_type`` (default ``<message_type>_res``) with the request's
-        ``message_id``. Raise :class:`~llmgine_ws.errors.ProtocolError` to answer with an error.
+        ``message_id``; any other value (a list, a string...) is a bug in the handler: logged, and the
+        client gets ``INTERNAL_ERROR``. Raise :class:`~llmgine_ws.errors.ProtocolError` to answer
+        with an error.
+
+        With ``forbid_unknown_fields`` (the default), a field the struct does not declare (a typo
+        like ``max_wrds``) is a ``VALIDATION_ERROR`` naming it, as if the struct were declared with
+        ``forbid_unknown_fields=True``; pass ``False`` to ignore unknown fields (e.g. while clients
+        move to a new version). Structs nested inside it keep their own setting.
+
+        Raises ``TypeError`` at once when ``handler`` is not a callable taking ``(data, ctx)`` or
+        ``data_type`` is not something msgspec can decode.
         """
         self._check_open()
         if not _TYPE_NAME.match(message_type):
@@ -83,7 +96,10 @@ class Extensions:
             raise ValueError(f"message type {message_type!r} is reserved by the core protocol")
         if message_type in self.handlers:
             raise ValueError(f"a handler for {message_type!r} is already registered")
-        self.handlers[message_type] = make_spec(message_type, data_type, handler, response_type)
+        _check_callable(handler, 2, f"the handler of {message_type!r}", "handler(data, ctx)")
+        decoded_as = _strict(_check_data_type(message_type, data_type), forbid_unknown_fields)
+        spec = make_spec(message_type, decoded_as, _checked_replies(message_type, handler), response_type)
+        self.handlers[message_type] = spec
 
     def register_server_message(self, message_type: str, data_type: Any) -> None:
         """Declare a custom server-initiated message type and its payload struct.
@@ -98,9 +114,23 @@ class Extensions:
     def register_engine(self, engine_type: str, factory: EngineFactory) -> None:
         """Make ``engine_type`` creatable with ``create_engine``.
 
-        ``factory(session, config)`` (sync or async) returns an :class:`~llmgine_ws.engines.Engine`.
+        ``factory(session, config)`` (sync or async) returns an :class:`~llmgine_ws.engines.Engine`;
+        an engine class is a factory too. ``config`` is ``create_engine``'s ``config``: it comes from
+        the client, so treat it as untrusted input. Raises ``TypeError`` at once when ``factory`` is
+        not a callable taking ``(session, config)``, or is a class without ``start``,
+        ``handle_command`` and ``stop``.
         """
         self._check_open()
+        if not isinstance(engine_type, str) or not engine_type:
+            raise ValueError(f"engine type {engine_type!r} must be a non-empty string")
+        _check_callable(factory, 2, f"the factory of engine type {engine_type!r}", "factory(session, config)")
+        if isinstance(factory, type):
+            missing = [name for name in ("start", "handle_command", "stop")
+                       if not inspect.iscoroutinefunction(getattr(factory, name, None))]
+            if missing:
+                raise TypeError(f"engine class {factory.__qualname__} (engine type {engine_type!r}) needs async "
+                                f"methods start(), handle_command(command, ctx) and stop(); missing or not async: "
+                                f"{', '.join(missing)}")
         if engine_type in self.engine_factories:
             raise ValueError(f"engine type {engine_type!r} is already registered")
         self.engine_factories[engine_type] = factory
@@ -161,6 +191,81 @@ def make_spec(message_type: str, data_type: Any, handler: Handler, response_type
         inline=not inspect.iscoroutinefunction(handler),
         prepare=prepare,
     )
+
+
+def _check_callable(func: Any, arity: int, what: str, shape: str) -> None:
+    """Raise ``TypeError`` unless ``func`` can be called with ``arity`` positional arguments."""
+    if not callable(func):
+        raise TypeError(f"{what} must be a callable {shape}, not {func!r}")
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):  # some builtins have no signature: nothing to check
+        return
+    try:
+        signature.bind(*([None] * arity))
+    except TypeError as exc:
+        raise TypeError(f"{what} must be callable as {shape}; {getattr(func, '__qualname__', func)!r}{signature} "
+                        f"cannot be: {exc}") from None
+
+
+def _check_data_type(message_type: str, data_type: Any) -> Any:
+    """``data_type`` if msgspec can decode it (the decoder is built only when the app is created)."""
+    if data_type is None:
+        raise TypeError(f"the data type of {message_type!r} is None: give a msgspec Struct (or e.g. dict[str, Any])")
+    try:
+        # The schema, not a Decoder: a Decoder accepts any class (as a "custom type" it then never decodes).
+        msgspec.json.schema(data_type)
+    except (TypeError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[-1]
+        raise TypeError(f"the data type of {message_type!r} cannot be decoded by msgspec ({reason}): use a msgspec "
+                        "Struct, a dataclass, a TypedDict or e.g. dict[str, Any] (pydantic models: see "
+                        "docs/fastapi.md)") from None
+    return data_type
+
+
+def _strict(data_type: Any, forbid_unknown_fields: bool) -> Any:
+    """``data_type``, refusing unknown fields when asked: a subclass with ``forbid_unknown_fields=True``
+    (so handlers still get instances of their own struct)."""
+    if not (forbid_unknown_fields and isinstance(data_type, type) and issubclass(data_type, msgspec.Struct)):
+        return data_type
+    if data_type.__struct_config__.forbid_unknown_fields:
+        return data_type
+    namespace = {"__module__": data_type.__module__, "__qualname__": data_type.__qualname__,
+                 "__doc__": data_type.__doc__}
+    return type(data_type.__name__, (data_type,), namespace, forbid_unknown_fields=True)
+
+
+_NOT_A_REPLY = (list, tuple, set, frozenset, str, bytes, int, float, bool)
+
+
+def _check_reply(message_type: str, result: Any) -> Any:
+    if isinstance(result, _NOT_A_REPLY):
+        raise TypeError(f"the handler of {message_type!r} returned a {type(result).__name__}: a reply's data is an "
+                        "object. Return a struct, a mapping or None (e.g. {'items': [...]} for a list)")
+    return result
+
+
+def _checked_replies(message_type: str, handler: Handler) -> Handler:
+    """``handler``, refusing replies that are not objects (what the protocol and both clients expect)."""
+    if inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(getattr(handler, "__call__", None)):  # noqa: B004
+        async def checked_async(data: Any, ctx: HandlerContext) -> Any:
+            return _check_reply(message_type, await handler(data, ctx))
+
+        return _wraps(handler, checked_async)
+
+    def checked(data: Any, ctx: HandlerContext) -> Any:
+        return _check_reply(message_type, handler(data, ctx))
+
+    return _wraps(handler, checked)
+
+
+def _wraps(handler: Any, wrapper: Handler) -> Handler:
+    """``wrapper`` standing in for ``handler``: ``inspect.unwrap`` finds the handler (the schema reads its
+    return annotation)."""
+    if inspect.isfunction(handler):
+        return functools.wraps(handler)(wrapper)
+    wrapper.__wrapped__ = handler  # type: ignore[union-attr]
+    return wrapper
 
 
 def _require_async(callback: Any) -> Any:

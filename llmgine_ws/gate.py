@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import uuid
 from typing import Literal
 
 import anyio
@@ -16,9 +15,10 @@ from .config import APIConfig
 from .connection import Connection
 from .hub import Hub
 from .lifecycle import Lifecycle
-from .protocol import ConnectedData, FrameEncoder
+from .protocol import ConnectedData, FrameEncoder, new_message_id
 from .resumption import Resumer
 from .security import (
+    UNVERIFIED_FORWARDED,
     ConnectionCounter,
     RateLimiter,
     SharedBuckets,
@@ -54,6 +54,7 @@ class HandshakeGate:
         self._trusted_proxies = parse_networks(config.trusted_proxies)
         self._user_buckets = SharedBuckets(config.user_rate_limit, config.user_rate_burst)
         self._warned_no_lifespan = False
+        self._warned_rewritten = False
 
     async def open(self, websocket: WebSocket) -> Connection | None:
         """The accepted, registered and greeted connection; None if it was refused.
@@ -62,11 +63,17 @@ class HandshakeGate:
         """
         scope = websocket.scope
         client_ip = resolve_client_ip(scope, self._trusted_proxies)
+        if client_ip == UNVERIFIED_FORWARDED and not self._warned_rewritten:
+            self._warned_rewritten = True
+            logger.warning("the server rewrote client addresses from X-Forwarded-For (uvicorn's --proxy-headers, on "
+                           "by default) but LLMGINE_API_TRUSTED_PROXIES is empty: those addresses are ignored and "
+                           "such connections share one address's limits. Run uvicorn with --no-proxy-headers (the "
+                           "llmgine-ws CLI does), or list your proxy in LLMGINE_API_TRUSTED_PROXIES")
         origin = websocket.headers.get("origin")
         if not self._lifecycle.accepting:
             await refuse(websocket, 503, "SHUTTING_DOWN", "the server is shutting down")
             return None
-        if not origin_allowed(scope, self._config.allowed_origins):
+        if not origin_allowed(scope, self._config.allowed_origins, loopback_only=self.authenticator is None):
             self._audit("handshake_refused", level=logging.WARNING, reason="origin not allowed", origin=origin,
                         client_ip=client_ip)
             await refuse(websocket, 403, "FORBIDDEN", "origin not allowed")
@@ -93,10 +100,12 @@ class HandshakeGate:
             raise
         if not self._lifecycle.running and not self._warned_no_lifespan:
             self._warned_no_lifespan = True
-            logger.warning("the app's lifespan is not running: session expiry, idle-engine stops and the blocking "
-                           "messaging API are off (when mounting, pass the app's lifespan to the host app)")
+            logger.error("llmgine_ws's lifespan is not running (WebSocket at %s%s): session expiry, idle-engine stops, "
+                         "draining on shutdown and the blocking messaging API are off. When mounting it, use "
+                         "llmgine_ws.mount(host, path, app) or FastAPI(lifespan=llmgine_ws.lifespan(app, "
+                         "your_lifespan))", scope.get("root_path", "").rstrip("/"), self._config.ws_path)
         config = self._config
-        connection = Connection(str(uuid.uuid4()), queue_size=config.outbound_queue_size,
+        connection = Connection(new_message_id(), queue_size=config.outbound_queue_size,
                                 queue_bytes=config.outbound_queue_bytes, send_grace=config.send_grace,
                                 principal=principal, client_ip=client_ip, audit=self._audit,
                                 on_change=self._watch.notify)

@@ -110,13 +110,18 @@ class CoreHandlers:
 
         Only requests sent to *this* connection can be resolved from it.
         """
-        pending = ctx.connection.pending.pop(ctx.message_id, None)
+        pending = ctx.connection.pending.get(ctx.message_id)
         if pending is None:
             raise ProtocolError(
                 ErrorCode.UNKNOWN_REQUEST,
                 "no server request with this message_id is waiting for an answer (it may have timed out)",
                 {"message_id": ctx.message_id},
             )
+        problem = pending.check(data) if pending.check is not None else None
+        if problem is not None:  # refused; the question stays open for a fitting answer
+            pending.refused = True
+            raise ProtocolError(ErrorCode.VALIDATION_ERROR, problem, {"message_id": ctx.message_id})
+        del ctx.connection.pending[ctx.message_id]
         pending.resolve(data)
         ctx.connection.changed()
         return NO_REPLY

@@ -10,8 +10,10 @@ from typing import Any
 import msgspec
 from starlette.requests import Request
 from starlette.responses import FileResponse, PlainTextResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.websockets import WebSocket
 
+from .gate import refuse
 from .protocol import utcnow
 from .runtime import Runtime
 from .schema import ProtocolSchema, build_asyncapi, server_message_types
@@ -84,6 +86,7 @@ class StatusRoutes:
             "sessions": counts["sessions"],
             "engines": counts["engines"],
             "pending_server_requests": counts["pending_server_requests"],
+            "detached_apps": counts["detached_apps"],
             "timestamp": utcnow(),
         }
         return JSONResponse(body, status_code=200 if ready else 503)
@@ -218,3 +221,15 @@ class StatusRoutes:
         if media_type is None:
             return PlainTextResponse("not found", status_code=404)
         return FileResponse(STATIC_DIR / name, media_type=media_type, headers={"Cache-Control": "no-cache"})
+
+
+def websocket_not_found(runtime: Runtime) -> BaseRoute:
+    """The last route of an app: a WebSocket to any other path is refused with 404 and the right path
+    (Starlette's default is a 403 with no body, which reads like an authentication failure)."""
+
+    async def not_found(websocket: WebSocket) -> None:
+        endpoint = websocket.scope.get("root_path", "").rstrip("/") + runtime.config.ws_path
+        await refuse(websocket, 404, "NOT_FOUND", f"no WebSocket endpoint at {websocket.url.path}: "
+                     f"llmgine_ws serves {endpoint}")
+
+    return WebSocketRoute("/{path:path}", not_found)

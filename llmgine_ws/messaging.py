@@ -97,14 +97,31 @@ class MessagingAPI:
         ``AppNotConnected`` if the app is not connected, ``AppDisconnected`` as soon as it
         disconnects while the request is pending, and ``ServerRequestFailed`` when the client
         answers with an ``error`` field.
+
+        ``message_type`` is the frame's ``type``. The default, ``server_request``, needs
+        ``data["request_type"]`` (``ValueError`` without it): clients answer it by that request type,
+        and the core ones (``user_input``, ``user_confirmation``) have their answers checked (an answer
+        that does not fit is refused to the client, and the question stays open). Any other
+        ``message_type`` (e.g. ``"ask_color"``) is a custom request: clients answer it with a handler
+        registered for that type (``on_server_request("ask_color")`` / ``onServerRequest("ask_color",
+        ...)``); without one it is an ordinary message to them, and this call waits for its timeout.
         """
-        message_id = new_message_id()
         payload = _payload(data)
+        request_type = payload.get("request_type") if isinstance(payload, Mapping) else getattr(
+            payload, "request_type", None)
+        if message_type == "server_request" and not (isinstance(request_type, str) and request_type):
+            raise ValueError("a server_request's data needs a request_type: the name the client answers it by "
+                             "(on_server_request(t) / onServerRequest(t)). Or send a message type of your own: "
+                             "send_to_app_and_wait(app_id, 'ask_color', data)")
+        message_id = new_message_id()
         frame = self._encoder.frame(message_type, message_id, payload, server_initiated=True)
-        request_type = payload.get("request_type") if isinstance(payload, Mapping) else None
-        record: dict[str, Any] = {"app_id": app_id, "user_id": self._user_of(app_id), "message_type": message_type,
-                  "message_id": message_id, "request_type": request_type}
-        self._audit("server_request", outcome="sent", **record)
+        audit = self._audit
+        logged = audit.logs()  # else only the outcome is counted (metrics): no record to build
+        if logged:
+            record: dict[str, Any] = {"app_id": app_id, "user_id": self._user_of(app_id),
+                                      "message_type": message_type, "message_id": message_id,
+                                      "request_type": request_type}
+            audit("server_request", outcome="sent", **record)
         started = time.monotonic()
         limit = self._default_timeout if timeout is None else timeout
         outcome = "cancelled"  # what happened, for the audit log and (when unanswered) for the client
@@ -126,7 +143,10 @@ class MessagingAPI:
         finally:
             if outcome in ("timed_out", "cancelled", "shutting_down"):
                 await self._withdraw(app_id, message_id, "timeout" if outcome == "timed_out" else "cancelled")
-            self._audit("server_request", outcome=outcome, duration=round(time.monotonic() - started, 4), **record)
+            if logged:
+                audit("server_request", outcome=outcome, duration=round(time.monotonic() - started, 4), **record)
+            else:
+                audit.observe("server_request", {"outcome": outcome, "duration": time.monotonic() - started})
         if answer.get("error") is not None:
             raise ServerRequestFailed(app_id, message_id, answer["error"], answer)
         return ServerResponse(type="server_response", message_id=message_id, app_id=app_id, data=answer)

@@ -4,8 +4,8 @@ It has the semantics of an anyio memory object stream — ``put_nowait`` refuses
 waits for room in FIFO order, ``get`` waits for an item — but it is built for the one place where
 every frame passes: an anyio stream's ``receive`` costs a checkpoint plus a ``TaskInfo`` snapshot
 each time the writer finds the queue empty, which measured ~20% of the server's CPU in the
-64-connection ping benchmark (see benchmarks/README.md). Here an empty-queue wait costs one
-``anyio.Event``, and a non-empty one costs nothing.
+64-connection ping benchmark (see benchmarks/README.md). Here an empty-queue wait costs one bare
+future on asyncio (an ``anyio.Event`` elsewhere), and a non-empty one costs nothing.
 
 Room means fewer than ``capacity`` items *and* at most ``max_bytes`` queued (each item's size is
 given by its producer); an item larger than ``max_bytes`` still goes through an empty queue, so a
@@ -14,6 +14,7 @@ big frame is slow, never impossible.
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -28,10 +29,14 @@ class OutboxClosed(Exception):
 
 
 class Outbox(Generic[T]):
-    """Bounded FIFO between any number of producers and one consumer."""
+    """Bounded FIFO between any number of producers and one consumer.
 
-    __slots__ = ("_bytes", "_capacity", "_closed", "_commit", "_item_ready", "_items", "_max_bytes", "_new_event",
-                 "_sizes", "_waiting_producers")
+    Kept small for idle connections: one deque of ``(item, size)`` pairs, only while something is
+    queued, and the queue of waiting producers only once a producer has had to wait.
+    """
+
+    __slots__ = ("_bytes", "_capacity", "_closed", "_commit", "_item_ready", "_items", "_max_bytes",
+                 "_waiting_producers")
 
     def __init__(self, capacity: int, max_bytes: int, commit: Callable[[T], T] | None = None) -> None:
         """``commit``, if given, is applied to each item at the moment it enters the queue (in queue
@@ -40,22 +45,27 @@ class Outbox(Generic[T]):
             raise ValueError("capacity and max_bytes must be >= 1")
         self._capacity = capacity
         self._max_bytes = max_bytes
-        self._items: deque[T] = deque()
-        self._sizes: deque[int] = deque()
+        self._items: deque[tuple[T, int]] | None = None
+        """Only while something is queued: an idle connection's outbox holds no deque (~0.7 KiB)."""
         self._bytes = 0
-        self._item_ready: anyio.Event | None = None
-        self._waiting_producers: deque[tuple[T, int, anyio.Event]] = deque()
+        self._item_ready: asyncio.Future[None] | anyio.Event | None = None
+        """What the consumer waits on while the outbox is empty: a bare future on asyncio (the
+        cheapest wake-up there is), an ``anyio.Event`` on other backends."""
+        self._waiting_producers: deque[tuple[T, int, anyio.Event]] | None = None
         self._closed = False
-        self._new_event: type[anyio.Event] | None = None
         self._commit = commit
 
     def __len__(self) -> int:
-        return len(self._items) + len(self._waiting_producers)
+        return (len(self._items) if self._items else 0) + self.waiting
 
     @property
     def waiting(self) -> int:
         """Producers waiting for room (the consumer is behind)."""
-        return len(self._waiting_producers)
+        return len(self._waiting_producers) if self._waiting_producers else 0
+
+    def queued(self) -> list[T]:
+        """The items queued right now, oldest first (for inspection and tests)."""
+        return [item for item, _ in self._items or ()]
 
     @property
     def queued_bytes(self) -> int:
@@ -71,13 +81,22 @@ class Outbox(Generic[T]):
             return False
         if self._commit is not None:
             item = self._commit(item)
-        self._items.append(item)
-        self._sizes.append(size)
+        items = self._items
+        if items is None:
+            items = self._items = deque()
+        items.append((item, size))
         self._bytes += size
         if self._item_ready is not None:
-            self._item_ready.set()
-            self._item_ready = None
+            self._wake_consumer()
         return True
+
+    def _wake_consumer(self) -> None:
+        ready, self._item_ready = self._item_ready, None
+        if isinstance(ready, asyncio.Future):
+            if not ready.done():
+                ready.set_result(None)
+        elif ready is not None:
+            ready.set()
 
     async def put(self, item: T, size: int = 0) -> None:
         """Queue ``item``, waiting (in FIFO order with other producers) until there is room.
@@ -91,12 +110,15 @@ class Outbox(Generic[T]):
             return
         queued = anyio.Event()
         entry = (item, size, queued)
-        self._waiting_producers.append(entry)
+        if self._waiting_producers is None:
+            self._waiting_producers = deque()
+        waiting = self._waiting_producers
+        waiting.append(entry)
         try:
             await queued.wait()
         except BaseException:
             if not queued.is_set():
-                self._waiting_producers.remove(entry)
+                waiting.remove(entry)
             raise
         if self._closed:
             raise OutboxClosed
@@ -106,22 +128,28 @@ class Outbox(Generic[T]):
         while not self._items:
             if self._closed:
                 raise OutboxClosed
-            if self._new_event is None:
-                # anyio.Event() looks the backend up on every call; its concrete class does not.
-                self._new_event = type(anyio.Event())
-            ready = self._item_ready = self._new_event()
-            await ready.wait()
-        item = self._items.popleft()
-        self._bytes -= self._sizes.popleft()
+            loop = asyncio._get_running_loop()  # None outside asyncio (trio)
+            if loop is not None:
+                future = self._item_ready = loop.create_future()
+                await future  # if cancelled, the next put finds it done and skips it
+            else:
+                event = self._item_ready = anyio.Event()
+                await event.wait()
+        items = self._items
+        assert items is not None
+        item, size = items.popleft()
+        self._bytes -= size
         waiting = self._waiting_producers
-        while waiting and self._has_room(waiting[0][1]):  # hand the room to the longest-waiting producers
-            waiting_item, size, queued = waiting.popleft()
-            if self._commit is not None:
-                waiting_item = self._commit(waiting_item)
-            self._items.append(waiting_item)
-            self._sizes.append(size)
-            self._bytes += size
-            queued.set()
+        if waiting:
+            while waiting and self._has_room(waiting[0][1]):  # hand the room to the longest-waiting producers
+                waiting_item, waiting_size, queued = waiting.popleft()
+                if self._commit is not None:
+                    waiting_item = self._commit(waiting_item)
+                items.append((waiting_item, waiting_size))
+                self._bytes += waiting_size
+                queued.set()
+        if not items:
+            self._items = None
         return item
 
     def set_commit(self, commit: Callable[[T], T] | None) -> None:
@@ -130,21 +158,19 @@ class Outbox(Generic[T]):
 
     def take_all(self) -> list[T]:
         """Remove and return the items queued (not those of producers still waiting for room)."""
-        items = list(self._items)
-        self._items.clear()
-        self._sizes.clear()
+        items = [item for item, _ in self._items or ()]
+        self._items = None
         self._bytes = 0
         return items
 
     def close(self) -> None:
         """Accept nothing more; wake everyone waiting (producers get ``OutboxClosed``)."""
         self._closed = True
-        self._items.clear()
-        self._sizes.clear()
+        self._items = None
         self._bytes = 0
-        for _, _, queued in self._waiting_producers:
-            queued.set()
-        self._waiting_producers.clear()
+        if self._waiting_producers:
+            for _, _, queued in self._waiting_producers:
+                queued.set()
+            self._waiting_producers.clear()
         if self._item_ready is not None:
-            self._item_ready.set()
-            self._item_ready = None
+            self._wake_consumer()

@@ -60,8 +60,8 @@ class ResumeState:
     """
 
     __slots__ = ("_budget", "_bytes", "_completed", "_dedupe_entries", "_first", "_frames", "_max_bytes",
-                 "acked", "detached_at", "epoch", "evicted", "floor", "overflowed", "principal_key", "resend_ids",
-                 "resumable", "seq", "token")
+                 "ack_seen", "acked", "detached_at", "epoch", "evicted", "floor", "overflowed", "principal_key",
+                 "resend_ids", "resumable", "seq", "token")
 
     def __init__(self, *, max_bytes: int, budget: NodeBudget, principal_key: str | None,
                  dedupe_entries: int = 1024) -> None:
@@ -73,6 +73,8 @@ class ResumeState:
         """Frames with ``seq <= floor`` can no longer be replayed (acked, evicted or never kept)."""
         self.resumable = False
         """True once the client has acked: from then on frames are kept for a replay."""
+        self.ack_seen = False
+        """The client has sent an ``ack`` (even if resume is off and it changed nothing)."""
         self.token = new_token()
         """The token a resume must present (rotated on every successful resume)."""
         self.principal_key = principal_key

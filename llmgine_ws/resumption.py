@@ -116,8 +116,10 @@ class Resumer:
     def ack(self, connection: Connection, seq: int) -> None:
         """The client acked every frame up to ``seq`` (its first ack makes the app resumable)."""
         state = connection.resume
-        if state is not None and self.enabled:
-            state.ack(seq)
+        if state is not None:
+            state.ack_seen = True
+            if self.enabled:
+                state.ack(seq)
 
     # ------------------------------------------------------------------ drop
 

@@ -24,6 +24,7 @@ import msgspec
 from .connection import Connection, PendingRequest
 from .errors import AppDisconnected, AppNotConnected, PendingRequestLimit
 from .hub import Hub
+from .protocol import answer_check
 from .sessions import SessionStore
 
 logger = logging.getLogger("llmgine_ws.routing")
@@ -202,13 +203,12 @@ class LocalRouter:
         connection = self._connection(app_id)
         if len(connection.pending) >= self._max_pending:
             raise PendingRequestLimit(app_id, self._max_pending)
-        pending = PendingRequest(app_id, message_id, frame)
+        pending = PendingRequest(app_id, message_id, answer_check(frame), frame=frame)
         connection.pending[message_id] = pending
         connection.changed()
         try:
             await connection.send(frame)
-            with anyio.fail_after(timeout):
-                return await pending.wait()
+            return await pending.wait(timeout)
         finally:
             if connection.pending.get(message_id) is pending:
                 del connection.pending[message_id]

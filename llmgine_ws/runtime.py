@@ -24,12 +24,14 @@ from .connection import WS_GOING_AWAY, WS_SERVICE_RESTART, Connection, DetachReq
 from .context import Services
 from .dispatch import Dispatcher
 from .engines import EngineManager
+from .engines.coalescing import FlushScheduler
 from .errors import ServerShuttingDown
 from .extensions import Extensions
 from .gate import HandshakeGate
 from .handlers import CoreHandlers
 from .hub import Hub
-from .lifecycle import Lifecycle, State
+from .lifecycle import Host, Lifecycle, State
+from .logconfig import install_fallback_handler
 from .messaging import MessagingAPI
 from .metrics import Metrics, metrics_available
 from .protocol import FrameEncoder, NotificationData
@@ -56,6 +58,8 @@ class Runtime:
         self.config = config
         self.extensions = extensions
         self.lifecycle = Lifecycle()
+        self.host = Host()
+        """The app serving this one and where it is mounted (see :meth:`set_host`)."""
         self.metrics: Metrics | None = Metrics(self) if config.metrics and metrics_available() else None
         """Prometheus metrics (None without the ``metrics`` extra, or with ``metrics=False``)."""
         self.audit = AuditLog(self.metrics.observe_audit if self.metrics is not None else None)
@@ -75,11 +79,18 @@ class Runtime:
             user_of=self._user_of,
             audit=self.audit,
         )
+        self.coalescing: FlushScheduler | None = None
+        """Flushes coalesced token events (None when ``engine_event_coalesce_ms`` is 0)."""
+        if config.engine_event_coalesce_ms > 0:
+            self.coalescing = FlushScheduler(config.engine_event_coalesce_ms / 1000,
+                                             batch_chars=config.engine_event_coalesce_bytes,
+                                             max_frames=config.outbound_queue_size,
+                                             max_chars=config.outbound_queue_bytes)
         self.engines = EngineManager(
             extensions.engine_factories, encoder=self.encoder, messaging=self.messaging, metrics=self.metrics,
             start_timeout=config.engine_start_timeout, stop_timeout=config.engine_stop_timeout,
             max_inflight_requests=config.max_inflight_requests, max_inflight_bytes=config.max_inflight_bytes,
-            on_change=self.watch.notify)
+            on_change=self.watch.notify, host=self.host, coalescing=self.coalescing)
         self.resumer = Resumer(config, hub=hub, engines=self.engines, encoder=self.encoder, lifecycle=self.lifecycle,
                                audit=self.audit, metrics=self.metrics, callbacks=extensions.connection_callbacks)
         """Detaches, expires and resumes apps (see docs/resume.md)."""
@@ -93,7 +104,7 @@ class Runtime:
             max_per_user=config.max_sessions_per_user, callback_timeout=config.callback_timeout,
             on_created=extensions.session_callbacks["session_created"],
             on_destroyed=extensions.session_callbacks["session_destroyed"])
-        self.services = Services(config, self.messaging, sessions, self.encoder, self.lifecycle)
+        self.services = Services(config, self.messaging, sessions, self.encoder, self.lifecycle, self.host)
         core = CoreHandlers(self.session_manager, resume=self.resumer.resume, ack=self.resumer.ack)
         self.dispatcher = Dispatcher([*core.specs(), *extensions.handlers.values()],
                                      self.services, audit=self.audit, metrics=self.metrics)
@@ -101,6 +112,23 @@ class Runtime:
         self._reaper_running = False
         self._apps: anyio.abc.TaskGroup | None = None
         """The lifespan's task group, parent of every app's task group (None outside the lifespan)."""
+
+    def set_host(self, host: Any, mount_path: str | None = None) -> None:
+        """Record the app this one is mounted in (``ctx.host_app``, ``ctx.state``) and the mount path
+        (found in the host's routes when not given); ``llmgine_ws.mount`` / ``llmgine_ws.lifespan`` call it."""
+        own = self.services.app
+        if host is None or host is own:
+            return
+        self.host.app = host
+        if mount_path is None:
+            mount_path = _mount_path(host, own)
+        if mount_path is not None:
+            self.host.mount_path = mount_path.rstrip("/")
+
+    @property
+    def ws_url_path(self) -> str:
+        """The WebSocket endpoint's path as clients see it: the mount path (when known) + ``ws_path``."""
+        return self.host.mount_path + self.config.ws_path
 
     @property
     def authenticator(self) -> Authenticator | None:
@@ -143,7 +171,8 @@ class Runtime:
                 if hosted:
                     self.resumer.hosted.add(connection.app_id)
                 task_status.started()
-                tg.start_soon(self.on_connected, connection)
+                if self.extensions.connection_callbacks["connect"]:  # no task for nothing to run
+                    tg.start_soon(self.on_connected, connection)
                 try:
                     await anyio.sleep_forever()
                 finally:
@@ -184,18 +213,24 @@ class Runtime:
         Starlette does not run a mounted app's lifespan by itself.
         """
         if self.lifecycle.state is not State.CREATED:
-            raise RuntimeError("this app's lifespan is already running (or has run)")
+            raise RuntimeError("this app's lifespan is already running (or has run): run it once, either with "
+                               "llmgine_ws.mount(...) / llmgine_ws.lifespan(...) or by hand, not both")
+        self.set_host(app)  # the host app, when its lifespan runs this one
+        install_fallback_handler(self.config.log_format, "debug" if self.config.debug else self.config.log_level)
         async with anyio.create_task_group() as tg:
             portal = await tg.start(_serve_portal)
             self.messaging._bind_portal(portal)
             await tg.start(self._reap_forever)
             await tg.start(self.message_router.run)
             await tg.start(self._shut_down_on_signal)
+            if self.coalescing is not None:
+                await tg.start(self.coalescing.run)
+            logger.info("llmgine_ws WebSocket endpoint at %s", self.ws_url_path)
             self._apps = tg
             if self.authenticator is None:
                 logger.warning("no authenticator configured: any client that can reach %s may connect (set "
                                "LLMGINE_API_KEYS, LLMGINE_API_TOKEN_SECRET or LLMGINE_API_JWT_KEY)",
-                               self.config.ws_path)
+                               self.ws_url_path)
             self.lifecycle.start()
             try:
                 yield
@@ -219,7 +254,8 @@ class Runtime:
            with 1001 after its queued frames; cleanup stops engines (each within ``engine_stop_timeout``).
         4. Connections still open after ``shutdown_timeout`` are cut off (closed without flushing).
 
-        So it takes at most ``drain_timeout + SETTLE_TIMEOUT + shutdown_timeout`` seconds.
+        So it takes at most ``drain_timeout + SETTLE_TIMEOUT + shutdown_timeout`` seconds; under the CLI
+        uvicorn's own shutdown adds at most 2 more (``llmgine_ws.transport.UVICORN_GRACEFUL_TIMEOUT``).
         """
         if not self.lifecycle.begin_draining():
             await self.lifecycle.wait_stopped()
@@ -356,3 +392,20 @@ def get_runtime(app: Any) -> Runtime:
     if not isinstance(runtime, Runtime):
         raise LookupError("this app was not made by llmgine_ws.create_app")
     return runtime
+
+
+def _mount_path(host: Any, target: Any, prefix: str = "", depth: int = 0) -> str | None:
+    """The path ``target`` is mounted at inside ``host`` (nested mounts followed), or None."""
+    if depth > 8:
+        return None
+    for route in getattr(host, "routes", None) or []:
+        path = getattr(route, "path", None)
+        app = getattr(route, "app", None)
+        if path is None or app is None or not hasattr(route, "routes"):
+            continue  # not a Mount
+        if app is target:
+            return prefix + str(path)
+        found = _mount_path(app, target, prefix + path, depth + 1)
+        if found is not None:
+            return found
+    return None

@@ -135,7 +135,7 @@ def _server_messages(handlers: Sequence[HandlerSpec], declared: Mapping[str, Any
         if spec.response_type not in found:
             found[spec.response_type] = _ServerMessage(
                 spec.response_type, _reply_type(spec.handler), False,
-                f"Answer to {spec.message_type}." + _first_line(spec.handler, " "))
+                f"Answer to {spec.message_type}." + _first_line(inspect.unwrap(spec.handler), " "))
     for name, data_type in declared.items():  # declared types are never core ones (those are reserved)
         found[name] = _ServerMessage(name, _schemable_or_any(data_type), name not in replies,
                                      _first_line(data_type, ""))
@@ -156,7 +156,7 @@ def _first_line(obj: Any, prefix: str) -> str:
 
 def _reply_type(handler: Any) -> Any:
     """The type a handler's return annotation promises (``Any`` when unknown or not encodable)."""
-    target = handler
+    target = handler = inspect.unwrap(handler)
     if not inspect.isfunction(target) and not inspect.ismethod(target):
         target = getattr(handler, "__call__", None)  # noqa: B004 - an async callable object
     if target is None:

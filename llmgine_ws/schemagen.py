@@ -13,22 +13,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .app import mounted_apps
 from .schema import ProtocolSchema, build_asyncapi
 from .typescript import render_dts
 
 
-def _load_app_schema(target: str, factory: bool) -> ProtocolSchema:
+def _load_app_schema(target: str, factory: bool, app_dir: str) -> ProtocolSchema:
     from uvicorn.importer import import_from_string
 
+    path = os.path.abspath(app_dir)
+    if path not in sys.path:
+        sys.path.insert(0, path)
     app = import_from_string(target)
     if factory:
         app = app()
-    return ProtocolSchema.of_app(app)
+    apps = mounted_apps(app)  # an app made by create_app, or a host with one mounted in it
+    if not apps:
+        raise SystemExit(f"llmgine-ws-schema: {target} is not an llmgine_ws app and has none mounted in it")
+    return ProtocolSchema.of_runtime(apps[0][1])
 
 
 def _emit(path: str, text: str, check: bool) -> bool:
@@ -58,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--app", default=None, help="describe this app (module:attr) with its custom messages "
                         "instead of the core protocol")
     parser.add_argument("--factory", action="store_true", help="--app names a function returning the app")
+    parser.add_argument("--app-dir", default=".", help="import --app from this directory (default: the current "
+                        "directory, like uvicorn)")
     parser.add_argument("--json", metavar="PATH", help="write the JSON Schema here ('-' for stdout)")
     parser.add_argument("--asyncapi", metavar="PATH", help="write the AsyncAPI 3.0 document here")
     parser.add_argument("--dts", metavar="PATH", help="write TypeScript declarations here")
@@ -67,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "exit 1 when one is stale")
     args = parser.parse_args(argv)
 
-    protocol = _load_app_schema(args.app, args.factory) if args.app else ProtocolSchema.core()
+    protocol = _load_app_schema(args.app, args.factory, args.app_dir) if args.app else ProtocolSchema.core()
     schema = protocol.json_schema()
     outputs: list[tuple[str, str]] = []
     if args.json:

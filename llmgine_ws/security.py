@@ -79,19 +79,49 @@ class SharedBuckets:
             self._buckets[key] = (entry[0], entry[1] - 1)
 
 
+UNVERIFIED_FORWARDED = "forwarded-unverified"
+"""The client address of every connection whose address the server rewrote from ``X-Forwarded-For``
+(uvicorn's default ``--proxy-headers``) while ``trusted_proxies`` is empty: the header was not ours to
+believe, and the real peer is lost, so they all share one address's caps (as they would without the
+rewrite: they come through the same local proxy)."""
+
+
 def resolve_client_ip(scope: Scope, trusted_proxies: Sequence[IPNetwork]) -> str | None:
     """The client's address: the peer, or — only when the peer is a trusted proxy — the right-most
-    address in ``X-Forwarded-For`` that is not itself a trusted proxy."""
+    address in ``X-Forwarded-For`` that is not itself a trusted proxy.
+
+    With no trusted proxies, a peer address that is one of the request's own ``X-Forwarded-For`` hops
+    was put there by the server (uvicorn's proxy-headers rewrite, on by default under plain
+    ``uvicorn``): :data:`UNVERIFIED_FORWARDED`, never the client's claim.
+    """
     client = scope.get("client")
-    peer = client[0] if client else None
-    if peer is None or not trusted_proxies or not _is_trusted(peer, trusted_proxies):
+    peer: str | None = client[0] if client else None
+    if peer is None:
         return peer
-    forwarded = Headers(scope=scope).getlist("x-forwarded-for")
-    hops = [hop.strip() for header in forwarded for hop in header.split(",") if hop.strip()]
+    if not trusted_proxies:
+        return UNVERIFIED_FORWARDED if peer in {_hop_host(hop) for hop in _forwarded_hops(scope)} else peer
+    if not _is_trusted(peer, trusted_proxies):
+        return peer
+    hops = _forwarded_hops(scope)
     for hop in reversed(hops):
         if not _is_trusted(hop, trusted_proxies):
             return hop if _is_ip(hop) else peer
     return hops[0] if hops else peer
+
+
+def _forwarded_hops(scope: Scope) -> list[str]:
+    hops: list[str] = []
+    for name, value in scope.get("headers") or ():
+        if name == b"x-forwarded-for":
+            hops.extend(hop.strip() for hop in value.decode("latin-1").split(",") if hop.strip())
+    return hops
+
+
+def _hop_host(hop: str) -> str:
+    """The host of an ``X-Forwarded-For`` hop written ``host``, ``host:port`` or ``[v6]:port``."""
+    if hop.startswith("["):
+        return hop[1:].partition("]")[0]
+    return hop.partition(":")[0] if hop.count(":") == 1 else hop
 
 
 def parse_networks(values: Sequence[str]) -> list[IPNetwork]:
@@ -115,12 +145,15 @@ def _is_trusted(address: str, trusted: Sequence[IPNetwork]) -> bool:
     return any(ip in network for network in trusted)
 
 
-def origin_allowed(scope: Scope, allowed_origins: Sequence[str]) -> bool:
+def origin_allowed(scope: Scope, allowed_origins: Sequence[str], *, loopback_only: bool = False) -> bool:
     """Whether a handshake's ``Origin`` may connect (cross-site WebSocket hijacking protection).
 
     No ``Origin`` header: not a browser, allowed (authentication is what guards those). ``*``: any.
     An empty list: same origin only (the Origin's host and port equal the ``Host`` the client
-    connected to). Otherwise the Origin must be one of the listed ``scheme://host[:port]`` values.
+    connected to) and, with ``loopback_only`` (a server without authentication), only when that host
+    is a loopback name or address: a DNS-rebinding page (``http://evil.com:P`` resolved to 127.0.0.1)
+    is same-origin with itself, so on an open server the Host header proves nothing. Otherwise the
+    Origin must be one of the listed ``scheme://host[:port]`` values.
     """
     headers = Headers(scope=scope)
     origin = headers.get("origin")
@@ -137,7 +170,19 @@ def origin_allowed(scope: Scope, allowed_origins: Sequence[str]) -> bool:
     if host is None:
         return False
     scheme, _, netloc = normalised.partition("://")
-    return netloc == _netloc(host.lower(), "https" if scheme == "https" else "http")
+    if netloc != _netloc(host.lower(), "https" if scheme == "https" else "http"):
+        return False
+    return not loopback_only or is_loopback_host(urlsplit(normalised).hostname or "")
+
+
+def is_loopback_host(hostname: str) -> bool:
+    """``localhost`` (and ``*.localhost``), ``127.0.0.0/8`` or ``::1``: names that only reach this machine."""
+    if hostname == "localhost" or hostname.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(hostname.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _normalise_origin(origin: str) -> str | None:

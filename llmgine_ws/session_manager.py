@@ -56,7 +56,7 @@ class SessionManager:
             if self._held.get((kind, value), 0) >= cap:
                 who = "one client address" if kind == "ip" else "one user"
                 self._refuse(connection, f"sessions_per_{kind}", f"{who} may hold at most {cap} sessions", cap)
-        session = self.store.create(connection.app_id)
+        session = self.store.create(connection.app_id, connection.principal)
         connection.session_ids.add(session.session_id)
         for key in keys:
             self._held[key] = self._held.get(key, 0) + 1
@@ -97,6 +97,8 @@ class SessionManager:
         """Destroy every session ``connection`` owns: their engines stop concurrently, then the
         sessions are deleted one by one."""
         sessions = [s for s in (self.store.get(sid) for sid in list(connection.session_ids)) if s is not None]
+        if not sessions:
+            return  # most connections: no task group to make
         async with anyio.create_task_group() as tg:
             for session in sessions:
                 tg.start_soon(self.engines.stop, session.session_id, "disconnected")

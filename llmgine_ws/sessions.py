@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any, Protocol
 
 from .errors import ErrorCode, ProtocolError
-from .protocol import utcnow
+from .protocol import new_message_id, utcnow
 
 
 class Session:
     """One session, owned by exactly one app (connection)."""
 
-    __slots__ = ("_touched", "app_id", "created_at", "last_interaction_at", "session_id", "state")
+    __slots__ = ("_touched", "app_id", "created_at", "last_interaction_at", "principal", "session_id", "state")
 
-    def __init__(self, session_id: str, app_id: str) -> None:
+    def __init__(self, session_id: str, app_id: str, principal: Any = None) -> None:
         self.session_id = session_id
         self.app_id = app_id
+        self.principal = principal
+        """Who authenticated the connection that created the session (an ``llmgine_ws.auth.Principal``;
+        ``None`` without an authenticator). Engine factories get it with the session."""
         self.created_at: datetime = utcnow()
         self.last_interaction_at: datetime = self.created_at
         self._touched = time.monotonic()
@@ -68,7 +70,7 @@ class SessionStore:
     def __iter__(self) -> Iterator[Session]:
         return iter(list(self._sessions.values()))
 
-    def create(self, app_id: str) -> Session:
+    def create(self, app_id: str, principal: Any = None) -> Session:
         """Create a session for ``app_id``; ``SESSION_LIMIT_REACHED`` past the limit."""
         if len(self._sessions) >= self.max_sessions:
             raise ProtocolError(
@@ -76,7 +78,7 @@ class SessionStore:
                 f"the server has reached its limit of {self.max_sessions} sessions",
                 {"max_sessions": self.max_sessions},
             )
-        session = Session(str(uuid.uuid4()), app_id)
+        session = Session(new_message_id(), app_id, principal)
         self._sessions[session.session_id] = session
         for listener in self.listeners:
             listener.session_added(session)

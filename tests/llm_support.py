@@ -74,4 +74,15 @@ class Chat:
 
 
 def tokens(events: list[dict[str, Any]]) -> list[str]:
+    """The texts of the token frames (a frame may carry several deltas: see ``deltas``)."""
     return [event["payload"]["text"] for event in events if event["event_type"] == "token"]
+
+
+def streamed(events: list[dict[str, Any]]) -> str:
+    """The streamed text, whatever the token frames coalesced."""
+    return "".join(tokens(events))
+
+
+def deltas(events: list[dict[str, Any]]) -> int:
+    """How many token deltas the engine emitted (a coalesced frame counts ``coalesced`` of them)."""
+    return sum(event.get("coalesced", 1) for event in events if event["event_type"] == "token")

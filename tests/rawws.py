@@ -164,7 +164,8 @@ async def raw_connect(url: str, headers: list[tuple[str, str]] | None = None) ->
     stream = await anyio.connect_tcp(parts.hostname, parts.port)
     try:
         ws = WSConnection(ConnectionType.CLIENT)
-        await stream.send(ws.send(Request(host=f"{parts.hostname}:{parts.port}", target=parts.path + (f"?{parts.query}" if parts.query else ""),  # noqa: E501
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        await stream.send(ws.send(Request(host=f"{parts.hostname}:{parts.port}", target=target,
                                           extra_headers=list(headers or []))))
         client = RawClient(stream, ws)
         with anyio.fail_after(5):

@@ -27,8 +27,10 @@ class _Collect(logging.Handler):
 class LiveServer:
     """A running server: its URLs and (for in-process servers) the app and its runtime."""
 
-    def __init__(self, app: Any, port: int, ws_path: str = "/api/ws") -> None:
+    def __init__(self, app: Any, port: int, ws_path: str = "/api/ws", server: uvicorn.Server | None = None) -> None:
         self.app = app
+        self.uvicorn = server
+        """The uvicorn server (in-process servers only)."""
         self.port = port
         self.http_url = f"http://127.0.0.1:{port}"
         self.ws_url = f"ws://127.0.0.1:{port}{ws_path}"
@@ -90,7 +92,7 @@ async def serve(
         async with anyio.create_task_group() as tg:
             tg.start_soon(server.serve, [sock])
             try:
-                yield LiveServer(app, port, ws_path)
+                yield LiveServer(app, port, ws_path, server)
             finally:
                 server.should_exit = True
     finally:

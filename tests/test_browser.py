@@ -281,13 +281,20 @@ async def test_engine_commands_stream_complete_and_cancel(page: Any, example: Mo
             const sessionId = await client.createSession();
             const engine = await client.createEngine(sessionId, 'chat', { token_delay: 0 });
             const seqs = [], text = [];
+            let deltas = 0;
             const result = await client.command(sessionId, { text: 'Hello' }, {
-                onEvent: (e) => { seqs.push(e.seq); if (e.event_type === 'token') text.push(e.payload.text); } });
-            return { engine, result, seqs, text: text.join('') };
+                onEvent: (e) => {
+                    seqs.push(e.seq);
+                    if (e.event_type === 'token') { text.push(e.payload.text); deltas += e.coalesced ?? 1; }
+                } });
+            return { engine, result, seqs, deltas, text: text.join('') };
         }""")
         assert done["engine"]["engine_type"] == "chat"
         assert done["result"] == {"reply": "Hello, I am Ada. You said: Hello", "turn": 1}
-        assert done["seqs"] == list(range(len(done["seqs"]))) and len(done["seqs"]) == 7
+        # Streamed with no delay, the 7 tokens arrive coalesced (engine_event_coalesce_ms): seq counts
+        # the frames with no gap, ``coalesced`` the deltas each frame carries.
+        assert done["seqs"] == list(range(len(done["seqs"]))) and done["deltas"] == 7
+        assert len(done["seqs"]) < 7
         assert done["text"].strip() == done["result"]["reply"]
 
         cancelled = await page.evaluate("""async () => {
@@ -468,11 +475,37 @@ async def test_demo_streams_the_reply_and_asks_before_the_tool_call(page: Any, d
         assert await reply.locator(".event").all_text_contents() == ["⚙ weather(Paris)",
                                                                      "✓ it is 21°C and sunny in Paris"]
         frames = [f for f in await page.evaluate("frames_seen") if f]
-        # Token by token: many partial renderings, each extending the previous one.
-        assert len(frames) >= 8, frames
+        # Progressively: many partial renderings, each extending the previous one (tokens 20 ms
+        # apart, coalesced within 25 ms: a rendering may show one token or two more).
+        assert len(frames) >= 5, frames
         assert all(later.startswith(earlier.rstrip()) for earlier, later in itertools.pairwise(frames))
         assert await page.locator("dialog").count() == 0
         assert await page.locator("[data-testid=message-user]").text_content() == "YouWhat's the weather in Paris?"
+
+
+async def test_demo_renders_a_coalesced_stream(page: Any, demo: ModuleType) -> None:
+    """Tokens streamed with no delay reach the page coalesced (fewer frames than tokens, each frame's
+    ``coalesced`` counting its deltas); the demo renders the exact reply."""
+    engine_events: list[dict[str, Any]] = []
+
+    def on_frame(payload: str | bytes) -> None:
+        message = msgspec.json.decode(payload)
+        if message.get("type") == "engine_event":
+            engine_events.append(message["data"])
+
+    page.on("websocket", lambda ws: ws.on("framereceived", on_frame))
+    async with serve(demo.build_demo_app(APIConfig(ping_interval=0))) as server:
+        await demo_page(page, server)  # token_delay=0
+        await page.fill("[data-testid=input]", "tell me a story")
+        await page.press("[data-testid=input]", "Enter")
+        await page.wait_for_selector("[data-testid=message-assistant][data-status=completed]")
+        reply = "Hello, I am Ada. You said: tell me a story"
+        assert (await last_reply(page).locator(".bubble").text_content() or "").strip() == reply
+    tokens = [event for event in engine_events if event["event_type"] == "token"]
+    assert "".join(event["payload"]["text"] for event in tokens).strip() == reply
+    assert sum(event.get("coalesced", 1) for event in tokens) == len(reply.split(" "))
+    assert len(tokens) < len(reply.split(" "))
+    assert [event["seq"] for event in engine_events] == list(range(len(engine_events)))
 
 
 async def test_demo_asks_the_user_and_declines_the_tool(page: Any, demo: ModuleType) -> None:

@@ -76,8 +76,8 @@ class Tracker:
             self.created["connections"] += 1
             add(connection)
 
-        def tracked_create(app_id: str) -> Session:
-            session = create(app_id)
+        def tracked_create(app_id: str, principal: Any = None) -> Session:
+            session = create(app_id, principal)
             self.created["sessions"] += 1
             return session
 

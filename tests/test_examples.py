@@ -12,7 +12,7 @@ import anyio
 import httpx
 import pytest
 
-from llmgine_ws import APIConfig
+from llmgine_ws import APIConfig, Session
 from llmgine_ws.client import RequestError, connect
 
 from .support import serve
@@ -76,12 +76,34 @@ async def test_translate_errors(example: ModuleType) -> None:
 
 
 async def test_backend_asks_a_user_from_an_http_route(example: ModuleType) -> None:
-    async with serve(example.build_app(APIConfig(ping_interval=0))) as server, \
+    admin = {"Authorization": "Bearer admin-secret"}
+    async with serve(example.build_app(APIConfig(ping_interval=0, admin_token="admin-secret"))) as server, \
             connect(server.ws_url) as client, httpx.AsyncClient(base_url=server.http_url) as http:
         client.on_server_request("user_input")(lambda message: {"user_input": f"re: {message.data['prompt']}"})
-        response = await http.post(f"/demo/ask/{client.app_id}", json={"prompt": "favourite colour?"})
+        response = await http.post(f"/demo/ask/{client.app_id}", json={"prompt": "favourite colour?"}, headers=admin)
         assert response.json() == {"answer": "re: favourite colour?"}
-        assert (await http.post("/demo/ask/nobody", json={"prompt": "?"})).status_code == 404
+        assert (await http.post("/demo/ask/nobody", json={"prompt": "?"}, headers=admin)).status_code == 404
+        # Nobody else may put questions to a user.
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            refused = await http.post(f"/demo/ask/{client.app_id}", json={"prompt": "?"}, headers=headers)
+            assert refused.status_code == 403
+        assert (await http.post(f"/demo/ask/{client.app_id}", content=b"[", headers=admin)).status_code == 400
+
+
+async def test_the_demo_route_is_closed_without_an_admin_token(example: ModuleType) -> None:
+    async with serve(example.build_app(APIConfig(ping_interval=0))) as server, connect(server.ws_url) as client, \
+            httpx.AsyncClient(base_url=server.http_url) as http:
+        refused = await http.post(f"/demo/ask/{client.app_id}", json={"prompt": "?"},
+                                  headers={"Authorization": "Bearer x"})
+        assert refused.status_code == 403
+
+
+@pytest.mark.parametrize("delay", [1e308, float("inf"), "nan", -5, "soon"])
+async def test_the_example_engine_bounds_the_clients_config(example: ModuleType, delay: Any) -> None:
+    """Client config is the client's word: an absurd token_delay cannot hold a command forever."""
+    engine = example.ChatEngine(Session("s", "a"), {"token_delay": delay, "name": "x" * 10_000})
+    assert 0 <= engine.token_delay <= example.ChatEngine.MAX_TOKEN_DELAY
+    assert len(engine.name) <= 64
 
 
 async def test_chat_client_command_line(example: ModuleType) -> None:

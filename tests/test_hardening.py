@@ -175,6 +175,32 @@ async def test_queued_engine_commands_are_bounded_by_their_decoded_size(make_app
         assert len(connection.in_flight) < 8
 
 
+async def test_a_request_past_the_byte_budget_is_refused_before_it_is_decoded(make_app: Any) -> None:
+    """Decoding is the expensive part (~70 ms and ~25 MiB for 1 MiB of ``[[],[],…]``): a big frame the
+    in-flight budget cannot take is refused from its envelope alone — even an invalid one gets
+    TOO_MANY_REQUESTS, not the VALIDATION_ERROR decoding would have found."""
+    async with serve(asking_app(make_app, max_inflight_bytes=1024 * 1024)) as server, \
+            connect(server.ws_url, rate_limit_retries=0) as client:
+        connection = server.runtime.hub.get(client.app_id)
+        assert connection is not None
+
+        @client.on_user_input
+        async def walk_away(request: Any) -> str:
+            await anyio.sleep_forever()
+            raise AssertionError("unreachable")
+
+        session_id = await client.create_session()
+        await client.create_engine(session_id, "asking")
+        await client.send("engine_command", {"session_id": session_id, "command": {"ask": True}}, message_id="asks")
+        await server.eventually(lambda: "asks" in connection.in_flight)
+        nested = [[] for _ in range(300_000)]
+        with pytest.raises(RequestError) as error:
+            await client.request("engine_command", {"session_id": 5, "command": nested}, message_id="bad", timeout=5)
+        assert error.value.code == "TOO_MANY_REQUESTS"
+        assert error.value.details["request_bytes"] > 1024 * 1024
+        await client.request("ping", {"timestamp": "x" * 5000})  # inline: never refused for the budget
+
+
 async def test_cleanup_keeps_its_deadline_when_user_code_cannot_be_cancelled(make_app: Any) -> None:
     """A command blocked in a thread cannot be cancelled: cleanup abandons it after engine_stop_timeout
     instead of keeping the connection, session, engine and address slot registered until it returns."""
@@ -269,8 +295,10 @@ async def test_an_unanswered_question_is_a_typed_timeout_without_a_traceback(
     assert not [r for r in caplog.records if r.exc_info and r.name.startswith("llmgine_ws")]
 
 
-async def test_shutdown_answers_a_command_waiting_for_the_user_before_closing(make_app: Any) -> None:
-    """The command's question is withdrawn and the command answered (failed) before the 1001."""
+async def test_shutdown_answers_a_command_waiting_for_the_user_before_closing(
+        make_app: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """The command's question is withdrawn and the command answered (failed) before the 1001; the
+    ServerShuttingDown it ended with is an expected outcome, logged without ERROR or traceback."""
     app = asking_app(make_app, drain_timeout=0.2, handle_signals=False)
     async with serve(app) as server, raw_connect(server.ws_url) as raw:
         assert (await raw.receive_json())["type"] == "connected"
@@ -293,3 +321,6 @@ async def test_shutdown_answers_a_command_waiting_for_the_user_before_closing(ma
     assert result["data"]["status"] == "failed" and result["data"]["error"] == "the server is shutting down"
     assert kinds.index("engine_command_res") > kinds.index("server_request")
     assert raw.close_code == 1001
+    noisy = [r for r in caplog.records
+             if r.name.startswith("llmgine_ws") and (r.exc_info or r.levelno >= logging.ERROR)]
+    assert not noisy, [r.getMessage() for r in noisy]

@@ -18,7 +18,7 @@ import pytest
 from llmgine_ws import APIConfig
 from llmgine_ws.client import Message, connect
 
-from .llm_support import Chat, fake_provider, tokens
+from .llm_support import Chat, deltas, fake_provider, streamed
 from .openai_server import OpenAIServer, text, tool_calls
 from .support import listening_socket, serve
 
@@ -66,13 +66,12 @@ async def test_the_example_over_the_wire(answer: str) -> None:
         assert first["status"] == "completed"
         assert first["result"] == {"reply": "Let me check. ", "finish_reason": "stop",
                                    "usage": {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}}
-        assert tokens(events) == ["Let me check. "]
+        assert streamed(events) == "Let me check. " and deltas(events) == 1
         second, events = await chat.say("Weather in Paris?")
     assert second["status"] == "completed"
     assert second["result"]["reply"] == "It is 18°C in Paris."
-    assert tokens(events) == ["It is ", "18°C in Paris."]
-    assert [event["payload"] for event in events if event["event_type"] == "token"] == [
-        {"text": "It is "}, {"text": "18°C in Paris."}]
+    assert streamed(events) == "It is 18°C in Paris." and deltas(events) == 2
+    assert all(set(event["payload"]) == {"text"} for event in events if event["event_type"] == "token")
     [question] = asked
     assert (question["request_type"], question["options"], question["tool"], question["arguments"]) == (
         "user_confirmation", ["yes", "no"], "get_weather", {"city": "Paris"})
@@ -105,7 +104,7 @@ async def test_the_chat_demo_runs_on_the_llm_engine_when_openai_base_url_is_set(
             await chat.start(engine_type="chat")  # what the page creates
             result, events = await chat.say("hello")
     assert result["result"]["reply"] == "Hi from the model"
-    assert tokens(events) == ["Hi from ", "the model"]
+    assert streamed(events) == "Hi from the model" and deltas(events) == 2
     assert provider.requests[0]["model"] == "demo-model"
 
 

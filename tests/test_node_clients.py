@@ -210,9 +210,9 @@ def seed_script() -> str:
 
 async def test_the_seeds_own_frontend_runs_against_the_example_app() -> None:
     example = load_example("custom_engine_example")
-    app = example.build_app(APIConfig(ping_interval=0))
+    app = example.build_app(APIConfig(ping_interval=0, admin_token="admin-secret"))
     async with serve(app) as server, node(seed_script(), server.ws_url) as frontend, \
-            httpx.AsyncClient(base_url=server.http_url) as http:
+            httpx.AsyncClient(base_url=server.http_url, headers={"Authorization": "Bearer admin-secret"}) as http:
         connected = await frontend.next_report("connected")
         app_id = connected["app_id"]
         assert connected["type"] == "connected"

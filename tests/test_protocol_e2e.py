@@ -143,6 +143,8 @@ async def test_session_limit_reached(make_app: Any) -> None:
     [
         ("{not json", "INVALID_JSON", None, None),
         ('{"type": "ping", "message_id": "x1", "data": {', "INVALID_JSON", None, None),
+        ("[1, 2", "INVALID_JSON", None, None),  # truncated: not well-formed, whatever its top-level type
+        ("[1] x", "INVALID_JSON", None, None),
         ("[" * 100_000 + "]" * 100_000, "VALIDATION_ERROR", None, "$"),
         ('{"type": "ping", "message_id": "deep", "data": {"x": ' + "[" * 100_000 + "]" * 100_000 + "}}",
          "INVALID_JSON", None, None),
@@ -294,7 +296,8 @@ async def test_protocol_error_from_a_custom_handler(make_app: Any) -> None:
 async def test_error_envelope_shape_matches_the_seed(server: LiveServer) -> None:
     async with connect(server.ws_url) as client:
         error = await raw_exchange(client, '{"type": "status", "message_id": "m", "data": {"session_id": "nope"}}')
-        assert set(msgspec.structs.asdict(error)) == {"type", "message_id", "data", "server_initiated"}
+        # The seed envelope, plus the top-level `seq` of the resume protocol (issue 12).
+        assert set(msgspec.structs.asdict(error)) == {"type", "message_id", "data", "server_initiated", "seq"}
         assert error.server_initiated is False
         assert set(error.data) == {"code", "message", "details"}
 

@@ -159,6 +159,7 @@ def extensions_for(gates: Gates) -> Extensions:
 @asynccontextmanager
 async def stack(make_app: Callable[..., Any], **config: Any) -> AsyncIterator[tuple[LiveServer, TcpProxy, Gates]]:
     gates = Gates()
+    config.setdefault("resume_window", 120)
     async with serve(make_app(extensions_for(gates), **config)) as server, tcp_proxy(server.port) as proxy:
         yield server, proxy, gates
 

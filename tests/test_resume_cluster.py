@@ -21,7 +21,7 @@ import pytest
 from llmgine_ws.backplane.links import LinkTable
 
 from .brokers import Broker
-from .cluster_support import HEARTBEAT, BrokerHandle, cluster_node, router_of
+from .cluster_support import HEARTBEAT, BrokerHandle, cluster_node, router_of, wait_visible
 from .support import LiveServer
 from .tcp_proxy import tcp_proxy
 from .test_cluster_processes import node_env, node_process
@@ -43,6 +43,7 @@ def broker(request: pytest.FixtureRequest) -> Broker:
 @asynccontextmanager
 async def two_nodes(broker: Broker, **config: Any) -> AsyncIterator[tuple[LiveServer, LiveServer, Gates]]:
     gates = Gates()
+    config.setdefault("resume_window", 120)
     handle = BrokerHandle(broker.kind, broker)
     name = "r" + uuid.uuid4().hex[:12]
     async with AsyncExitStack() as stack:
@@ -70,7 +71,7 @@ async def test_resume_on_another_node_mid_stream(broker: Broker) -> None:
             connection = app_of(a, app_id)
             await proxy.sever()
             await a.eventually(lambda: connection.detached)
-        await router_of(b).wait_for(lambda: router_of(b).node_of(app_id) is not None, 5)
+        await wait_visible(b, app_id)
         async with resumed(b.ws_url + AS_ALICE, app_id, token, last_seq) as (client, answer):
             assert answer["data"]["resumed"] is True, answer
             assert answer["data"]["app_id"] == app_id and answer["data"]["resume_token"] != token
@@ -116,6 +117,7 @@ async def test_pending_request_answered_on_the_other_node(broker: Broker) -> Non
             await proxy.sever()
             await a.eventually(lambda: connection.detached)
         assert connection.pending  # the engine on A still waits for its answer
+        await wait_visible(b, app_id)
         async with resumed(b.ws_url + AS_ALICE, app_id, token, last_seq) as (client, answer):
             assert answer["data"]["resumed"] is True and answer["data"]["replayed"] == 0
             again = await client.recv()
@@ -134,6 +136,7 @@ async def test_two_resumes_at_once_on_two_nodes_exactly_one_wins(broker: Broker)
             connection = app_of(a, app_id)
             await proxy.sever()
             await a.eventually(lambda: connection.detached)
+        await wait_visible(b, app_id)
         answers: list[dict[str, Any]] = []
 
         async def attempt(url: str, done: anyio.Event) -> None:
@@ -161,6 +164,7 @@ async def test_resume_elsewhere_supersedes_a_half_open_socket(broker: Broker) ->
             peer(proxy.ws_url() + AS_ALICE) as old:
         await old.ack_synced()
         app_id, token, last_seq = old.app_id, old.token, old.last_seq
+        await wait_visible(b, app_id)  # (a resume there before B heard of the app is `unknown`)
         proxy.blackhole()  # the old socket still looks open to A
         async with resumed(b.ws_url + AS_ALICE, app_id, token, last_seq) as (client, answer):
             assert answer["data"]["resumed"] is True
@@ -226,6 +230,7 @@ async def test_the_proxying_node_drains_the_client_comes_back_to_the_owner(broke
             connection = app_of(a, app_id)
             await proxy.sever()
             await a.eventually(lambda: connection.detached)
+        await wait_visible(b, app_id)
         async with resumed(b.ws_url + AS_ALICE, app_id, token, last_seq) as (client, answer):
             assert answer["data"]["resumed"] is True
             await client.ack_synced()
@@ -242,7 +247,7 @@ async def test_the_proxying_node_drains_the_client_comes_back_to_the_owner(broke
 
 
 async def test_owner_killed_resume_answers_within_two_heartbeats(broker: Broker) -> None:
-    env = node_env(broker.url, "k" + uuid.uuid4().hex[:12])
+    env = {**node_env(broker.url, "k" + uuid.uuid4().hex[:12]), "LLMGINE_API_RESUME_WINDOW": "120"}
     async with node_process(env) as a, node_process(env) as b:
         await b.wait_until("node_count", 2)
         await a.wait_until("node_count", 2)

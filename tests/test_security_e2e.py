@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
+import re
 import time
 from typing import Any
 
@@ -102,6 +104,32 @@ async def test_bad_credentials_are_refused_before_accept(
         assert credential not in record.getMessage()
 
 
+def _respellings(token: str) -> list[str]:
+    """Spellings of ``token`` a lenient base64 decoder reads as the same signature."""
+    head, signature = token.rsplit(".", 1)
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    decoded = base64.urlsafe_b64decode(signature + "=")
+    twins = [c for c in alphabet if c != signature[-1]
+             and base64.urlsafe_b64decode(signature[:-1] + c + "=") == decoded]
+    assert twins  # 43 characters carry 256 bits: the last one has two unused bits
+    return [f"{head}.{signature}=", f"{head}.{signature}==", f"{head}.{signature[:-1]}{twins[0]}",
+            f"{head}.{signature}!", f"{head}.{signature[:20]}*{signature[20:]}", f"{head}=.{signature}"]
+
+
+async def test_a_signed_token_has_exactly_one_valid_spelling(make_app: Any) -> None:
+    """Padding, junk or a different last character on the signature (lenient base64 decodes all of them
+    to the same bytes) is refused: a token cannot be re-spelt to dodge a deny list or a log search."""
+    token = mint_token(SECRET, "alice")
+    async with serve(make_app(token_secret=SECRET)) as server:
+        async with connect(server.ws_url, headers={"Authorization": f"Bearer {token}"}):
+            pass
+        for spelling in _respellings(token):
+            with pytest.raises(HandshakeRejected):
+                async with connect(server.ws_url, subprotocols=["llmgine.v1", f"llmgine.auth.{spelling}"]):
+                    raise AssertionError(f"accepted {spelling!r}")
+        assert len(server.runtime.hub) == 0
+
+
 async def test_query_token_is_ignored_unless_enabled(make_app: Any) -> None:
     async with serve(make_app(token_secret=SECRET)) as server:
         with pytest.raises(HandshakeRejected):
@@ -144,6 +172,26 @@ async def test_jwt_authentication(make_app: Any, algorithm: str) -> None:
                 async with connect(server.ws_url, headers={"Authorization": f"Bearer {bad}"}):
                     pass
         assert len(server.runtime.hub) == 0
+
+
+async def test_a_mixed_jwt_algorithm_list_refuses_bad_tokens_without_a_traceback(
+        make_app: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """``RS256,HS256`` with an HMAC secret: an RS256 token makes PyJWT refuse the key (InvalidKeyError);
+    that is a refused handshake like any bad token, not an authenticator error with a traceback."""
+    jwt = pytest.importorskip("jwt")
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    secret = "jwt-shared-secret-with-enough-length-0123"
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    rs256 = jwt.encode({"sub": "mallory", "exp": int(time.time()) + 300}, private, algorithm="RS256")
+    caplog.set_level(logging.INFO)
+    async with serve(make_app(jwt_key=secret, jwt_algorithms=["RS256", "HS256"])) as server:
+        for bad in (rs256, "not-a-jwt"):
+            with pytest.raises(HandshakeRejected):
+                async with connect(server.ws_url, headers={"Authorization": f"Bearer {bad}"}):
+                    pass
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert "InvalidKeyError" in audit_records(caplog, "auth")[0].reason  # type: ignore[attr-defined]
 
 
 async def test_custom_authenticator_sees_the_scope_and_sets_the_principal(make_app: Any) -> None:
@@ -403,3 +451,63 @@ async def test_open_server_warns_once_at_startup(make_app: Any, caplog: pytest.L
     async with serve(make_app(token_secret=SECRET)):
         pass
     assert len([r for r in caplog.records if "no authenticator configured" in r.getMessage()]) == 1
+
+
+async def _upgrade_status(port: int, host: str, origin: str, extra: str = "") -> bytes:
+    request = (f"GET /api/ws HTTP/1.1\r\nHost: {host}\r\nOrigin: {origin}\r\n{extra}Upgrade: websocket\r\n"
+               "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+               "Sec-WebSocket-Version: 13\r\n\r\n")
+    async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+        await stream.send(request.encode())
+        with anyio.fail_after(5):
+            return (await stream.receive()).split(b"\r\n", 1)[0]
+
+
+@pytest.mark.parametrize(("host", "authenticated", "accepted"), [
+    ("localhost", False, True),
+    ("127.0.0.1", False, True),
+    ("[::1]", False, True),
+    ("evil.example", False, False),  # DNS rebinding: the page is same-origin with itself, not with us
+    ("evil.example", True, True),    # an authenticated server: the page has no credential to offer
+])
+async def test_dns_rebinding_on_a_server_without_authentication(make_app: Any, host: str, authenticated: bool,
+                                                                accepted: bool) -> None:
+    """Without an authenticator (and no allowed_origins), a same-origin browser is accepted only on a
+    loopback host: a rebinding page at ``http://evil.example:P`` sends Origin and Host that match."""
+    app = make_app(api_keys=["k"]) if authenticated else make_app()
+    async with serve(app) as server:
+        status = await _upgrade_status(server.port, f"{host}:{server.port}", f"http://{host}:{server.port}",
+                                       "Authorization: Bearer k\r\n" if authenticated else "")
+    assert (b"101" if accepted else b"403") in status
+
+
+async def test_plain_uvicorn_proxy_headers_cannot_spread_one_client_over_many_addresses(
+        make_app: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """Plain ``uvicorn`` believes X-Forwarded-For from 127.0.0.1 and rewrites the client address before
+    the app sees it. With no trusted_proxies the app does not believe the rewritten address: such
+    connections share one address's cap, whatever each claims."""
+    app = make_app(max_connections_per_ip=2)
+    async with serve(app, proxy_headers=True, forwarded_allow_ips="127.0.0.1") as server, \
+            contextlib.AsyncExitStack() as stack:
+        for n in range(2):
+            await stack.enter_async_context(connect(server.ws_url, headers={"X-Forwarded-For": f"203.0.113.{n}:80"}))
+        with pytest.raises(HandshakeRejected) as refused:
+            async with connect(server.ws_url, headers={"X-Forwarded-For": "203.0.113.99"}):
+                pass
+        assert refused.value.status_code == 429
+        assert {c.client_ip for c in server.runtime.hub} == {"forwarded-unverified"}
+    assert len([r for r in caplog.records if "X-Forwarded-For" in r.getMessage()]) == 1
+
+
+async def test_audit_lines_cannot_be_forged_through_a_header(make_app: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A client-supplied value with spaces and '=' is quoted in the text line: an Origin header cannot
+    pass for other fields (``outcome=accepted user_id=admin``)."""
+    caplog.set_level(logging.INFO, "llmgine_ws.audit")
+    async with serve(make_app()) as server:
+        status = await _upgrade_status(server.port, f"127.0.0.1:{server.port}", "x outcome=accepted user_id=admin")
+    assert b"403" in status
+    [record] = audit_records(caplog, "handshake_refused")
+    line = record.getMessage()
+    assert 'origin="x outcome=accepted user_id=admin"' in line
+    fields = re.findall(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)', line)
+    assert [key for key, _ in fields].count("outcome") == 0 and "user_id" not in dict(fields)

@@ -17,6 +17,7 @@ from anyio.abc import Process
 
 from llmgine_ws.client import HandshakeRejected, Message, RequestError, connect
 
+from .rawws import OP_PING, OP_TEXT, build_frame, raw_connect
 from .support import listening_socket
 
 pytestmark = pytest.mark.anyio
@@ -50,7 +51,8 @@ async def stderr_of(process: Process) -> str:
 async def test_sigterm_drains_running_work_then_closes_with_1001() -> None:
     async with server_process(LLMGINE_API_DRAIN_TIMEOUT="20") as (process, port):
         url = f"ws://127.0.0.1:{port}/api/ws"
-        async with connect(url, open_timeout=20) as client, \
+        # resume=False: a resuming client would try to come back after the 1001 (see docs/resume.md)
+        async with connect(url, open_timeout=20, resume=False) as client, \
                 httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
             assert (await http.get("/health/ready")).status_code == 200
             may_finish = anyio.Event()
@@ -94,7 +96,7 @@ async def test_shutdown_is_bounded_with_a_hanging_engine_and_a_client_that_stopp
            "LLMGINE_API_ENGINE_STOP_TIMEOUT": "0.5", "LLMGINE_API_SEND_GRACE": "0.5"}
     async with server_process(**env) as (process, port):
         url = f"ws://127.0.0.1:{port}/api/ws"
-        async with connect(url, open_timeout=20) as engine_user:
+        async with connect(url, open_timeout=20, resume=False) as engine_user:  # ends with the 1001
             session_id = await engine_user.create_session()
             await engine_user.request("create_engine", {"session_id": session_id, "engine_type": "hang"})
             await engine_user.send("engine_command", {"session_id": session_id, "command": {}})
@@ -114,4 +116,37 @@ async def test_shutdown_is_bounded_with_a_hanging_engine_and_a_client_that_stopp
     assert code == 1001
     assert elapsed < 10, f"shutdown took {elapsed:.1f}s"
     assert "did not stop within 0.5s; abandoned" in log
+    assert "Traceback" not in log, log
+
+
+async def test_the_documented_shutdown_bound_holds_with_a_flooding_client_that_does_not_read() -> None:
+    """SIGTERM to exit within DRAIN_TIMEOUT + SHUTDOWN_TIMEOUT + 3 s (docs/deploy.md) while a client floods
+    pings and PING frames and reads nothing: uvicorn's own graceful timeout no longer stacks on top,
+    and the unread socket cannot pin the exit."""
+    drain, close = 1.0, 3.0
+    env = {"LLMGINE_API_DRAIN_TIMEOUT": str(drain), "LLMGINE_API_SHUTDOWN_TIMEOUT": str(close),
+           "LLMGINE_API_SEND_GRACE": "30", "LLMGINE_API_RATE_LIMIT": "0"}
+    async with server_process(**env) as (process, port), raw_connect(f"ws://127.0.0.1:{port}/api/ws") as raw:
+        flood = build_frame(OP_TEXT, b'{"type":"ping","message_id":"p","data":{"timestamp":"' + b"x" * 4000 + b'"}}')
+        storm = build_frame(OP_PING, b"p" * 125) * 64
+
+        async def attack() -> None:
+            try:
+                while True:
+                    await raw.stream.send(flood + storm)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                pass
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(attack)
+            async with connect(f"ws://127.0.0.1:{port}/api/ws", open_timeout=20) as probe:
+                await probe.request("ping")  # the server is up and serving while the flood runs
+            started = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            with anyio.fail_after(30):
+                await process.wait()
+            elapsed = time.monotonic() - started
+            tg.cancel_scope.cancel()
+        log = await stderr_of(process)
+    assert elapsed < drain + close + 3 + 1.5, f"shutdown took {elapsed:.1f}s"  # 1.5 s: process exit on a busy host
     assert "Traceback" not in log, log

@@ -10,6 +10,11 @@ With ``OPENAI_BASE_URL`` set, the page talks to a real model instead: the ``llm`
 ``examples/llm_chat.py`` (same ``OPENAI_API_KEY`` / ``LLMGINE_LLM_MODEL`` variables) serves the
 page's ``chat`` engine type. Unset, the canned engine answers.
 
+The page survives a dropped connection and a reload (with the server's resume on, the default): the
+client resumes the app, and the page keeps its transcript and the command in progress in
+``sessionStorage`` — reload mid-answer and the answer goes on; reload with the confirm dialog open
+and the dialog comes back.
+
 Query parameters of the page: ``?token_delay=0.03`` (seconds between streamed tokens) and
 ``?name=Ada`` (the engine's name) go to ``create_engine``'s config; ``?reconnect_delay=500`` is the
 first reconnect delay in ms.

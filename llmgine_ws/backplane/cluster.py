@@ -382,8 +382,7 @@ class ClusterRouter:
             await self._publish(node_id, Request(node=self._node_id, app_id=app_id, message_id=message_id,
                                                  frame=frame, timeout=timeout))
             published = True
-            with anyio.fail_after(timeout):
-                return await sent.pending.wait()
+            return await sent.pending.wait(timeout)
         finally:
             self._requests.done(sent)
             if published and not sent.settled:  # timed out or cancelled: the other node drops it

@@ -33,10 +33,8 @@ import anyio
 from ..connection import (
     WS_GOING_AWAY,
     WS_INTERNAL_ERROR,
-    WS_MESSAGE_TOO_BIG,
-    WS_NORMAL,
-    WS_POLICY_VIOLATION,
     WS_SERVICE_RESTART,
+    WS_TRY_AGAIN_LATER,
     CloseRequest,
     Connection,
     DetachRequest,
@@ -73,8 +71,10 @@ WINDOW = 16
 with :data:`BATCH_BYTES`, at most 1 MiB between two nodes per link."""
 CREDIT_EVERY = WINDOW // 2
 """The serving node credits the owner every this many messages."""
-ENDING_CODES = frozenset({WS_NORMAL, WS_POLICY_VIOLATION, WS_MESSAGE_TOO_BIG})
-"""Close codes of a proxied socket that end the app (a goodbye, a policy close), as on one node."""
+DETACHING_CODES = frozenset({1001, 1005, 1006, 1012, 1014, WS_INTERNAL_ERROR, WS_TRY_AGAIN_LATER})
+"""Close codes of a proxied socket that detach the app on its node, as they would on one node (the
+client's drop codes — ``endpoint.DROP_CODES`` —, and the proxying node's 1011 and 1013); any other
+(1000 goodbye, a policy close) ends it."""
 REASONS: frozenset[str] = frozenset({"unknown", "expired", "gap", "disabled"})
 
 
@@ -438,7 +438,7 @@ class RemoteResume:
             return
         code = connection.close_code or WS_GOING_AWAY
         self._enqueue(entry.owner, LinkLost(node=self.node_id, app_id=entry.app_id, gen=entry.gen, code=code,
-                                            goodbye=code in ENDING_CODES))
+                                            goodbye=code not in DETACHING_CODES))
 
     def drain(self) -> None:
         """See :meth:`~llmgine_ws.resumption.RemoteResumes.drain`."""

@@ -29,6 +29,7 @@ from ..errors import (
     PendingRequestLimit,
     ServerShuttingDown,
 )
+from ..protocol import answer_check
 from .wire import Reply, Request
 
 Answer = dict[str, Any] | str | None
@@ -193,6 +194,7 @@ class RemoteRequests:
     def hold(self, connection: Connection, message: Request, deadline: float) -> ForwardedRequest:
         """Register ``message`` (from another node) as pending on ``connection`` until ``deadline``."""
         request = ForwardedRequest(connection, message.node, message.message_id, deadline, self._held_settled)
+        request.check = answer_check(message.frame)
         connection.pending[message.message_id] = request
         self._held[message.message_id] = request
         return request

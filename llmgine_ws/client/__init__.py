@@ -18,16 +18,18 @@ every message the server sent before the response have run. See ``docs/python-cl
 
 Modules, bottom up: :mod:`.errors`, :mod:`.messages` (the envelope), :mod:`.transport` (one
 WebSocket over anyio + wsproto), :mod:`.handshake` (TCP/TLS and the HTTP upgrade), :mod:`.backoff`
-(``RATE_LIMITED``), :mod:`.inbox`, :mod:`.handlers` (server requests), :mod:`.engines` (commands,
+(``RATE_LIMITED``), :mod:`.resume` (seq, acks, the resume handshake, the reconnect policy; sans
+I/O), :mod:`.inbox`, :mod:`.handlers` (server requests), :mod:`.engines` (commands,
 ``ask_user``/``confirm`` answers), :mod:`.delivery` (where each incoming message goes, in order),
-:mod:`.connection` (:class:`Client`, :func:`connect`).
+:mod:`.connection` (:class:`Client`, :func:`connect`: the reader reconnects and resumes).
 """
 
 from .connection import Client, connect
 from .engines import Command, CommandResult, ConfirmationRequest, CreatedEngine, EngineEvent, UserInputRequest
-from .errors import ClientError, ConnectionClosed, HandshakeRejected, RequestError, RequestTimeout
+from .errors import ClientError, ConnectionClosed, HandshakeRejected, RequestError, RequestTimeout, StateLost
 from .handlers import MessageHandler, ServerRequestHandler
 from .messages import RAW_MESSAGE_TYPE, Message
+from .resume import Reconnect, ResumeOutcome
 from .transport import Transport
 
 __all__ = (
@@ -43,9 +45,12 @@ __all__ = (
     "HandshakeRejected",
     "Message",
     "MessageHandler",
+    "Reconnect",
     "RequestError",
     "RequestTimeout",
+    "ResumeOutcome",
     "ServerRequestHandler",
+    "StateLost",
     "Transport",
     "UserInputRequest",
     "connect",

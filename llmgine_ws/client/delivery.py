@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextvars import ContextVar
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -41,17 +42,30 @@ _ABANDONED_LIMIT = 1000
 
 
 class Waiter:
-    """A request waiting for its response (``None`` when the connection ended first)."""
+    """A request waiting for its response (``None`` when the connection ended first, ``error`` when
+    it cannot be answered any more: the server lost the app's state).
 
-    __slots__ = ("event", "response")
+    ``frame`` is the request as sent (sent again, same ``message_id``, after a resume); ``link`` is
+    the connection it was last sent on (-1: not sent yet).
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("error", "event", "frame", "link", "response")
+
+    def __init__(self, frame: str | None = None) -> None:
         self.event = anyio.Event()
         self.response: Message | None = None
+        self.error: BaseException | None = None
+        self.frame = frame
+        self.link = -1
 
     def resolve(self, response: Message | None) -> None:
         self.response = response
         self.event.set()
+
+    def fail(self, error: BaseException) -> None:
+        if not self.event.is_set():
+            self.error = error
+            self.event.set()
 
 
 class _HandlerCall:
@@ -89,9 +103,9 @@ class Delivery:
         """Whether ``message_id`` belongs to a request or command still waiting for its answer."""
         return message_id in self.pending or message_id in self.commands
 
-    def expect(self, message_id: str) -> Waiter:
+    def expect(self, message_id: str, frame: str | None = None) -> Waiter:
         """Register a request about to be sent; its answer is delivered to the returned waiter."""
-        waiter = self.pending[message_id] = Waiter()
+        waiter = self.pending[message_id] = Waiter(frame)
         if self._in_handler():
             self._direct.add(message_id)
         return waiter
@@ -176,6 +190,15 @@ class Delivery:
         else:
             self.inbox.push(message)
 
+    @property
+    def server_requests(self) -> ServerRequestRunner:
+        """The running (and recently answered) server requests."""
+        return self._server_requests
+
+    def is_direct(self, message_id: str) -> bool:
+        """Whether the request is answered by the reader (it was made inside a message handler)."""
+        return message_id in self._direct
+
     def finish(self, error: Callable[[], ConnectionClosed]) -> None:
         """The connection is over and every message before its end was delivered: fail what waits."""
         if self.finished:
@@ -190,16 +213,21 @@ class Delivery:
         self.inbox.close(error)
 
     async def _run_handlers(self, handlers: list[MessageHandler], message: Message) -> None:
+        await self.run_callbacks(handlers, message, f"handler for {message.type!r} messages")
+
+    async def run_callbacks(self, callbacks: Sequence[Callable[[Any], Any]], argument: Any, label: str) -> None:
+        """Call each callback (sync or async) with ``argument``, in order, as a message handler: its
+        exceptions are logged, and requests it makes are answered by the reader directly."""
         call = _HandlerCall(self)
         token = _running_handler.set(call)
         try:
-            for handler in list(handlers):
+            for callback in list(callbacks):
                 try:
-                    result = handler(message)
+                    result = callback(argument)
                     if inspect.isawaitable(result):
                         await result
                 except Exception:
-                    _log.exception("handler for %r messages failed", message.type)
+                    _log.exception("%s failed", label)
         finally:
             call.active = False
             _running_handler.reset(token)

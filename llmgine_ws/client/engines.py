@@ -38,13 +38,19 @@ __all__ = [
 
 
 class EngineEvent(msgspec.Struct, frozen=True, kw_only=True):
-    """One ``engine_event`` of a command: ``seq`` counts from 0 with no gaps."""
+    """One ``engine_event`` of a command: ``seq`` counts the command's frames from 0 with no gaps.
+
+    A server that coalesces token streams sends the deltas emitted within its flush interval as one
+    ``token`` event: ``payload["text"]`` is their concatenation and :attr:`coalesced` their number.
+    """
 
     session_id: str
     command_id: str
     seq: int
     event_type: str
     payload: Any = None
+    coalesced: int = 1
+    """How many of the engine's ``token`` deltas this event carries (1 unless coalesced)."""
 
 
 class CommandResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -99,7 +105,10 @@ class Command:
         self.session_id = session_id
         self.result: CommandResult | None = None
         self.frame = frame
-        """The ``engine_command`` frame as sent (sent again after a ``RATE_LIMITED`` refusal)."""
+        """The ``engine_command`` frame as sent (sent again after a ``RATE_LIMITED`` refusal, and
+        after a resume if its result had not come)."""
+        self.link = -1
+        """The connection the frame was last sent on (-1: not sent yet)."""
         self._host = host
         self._unsent = False
         self._limit = limit
@@ -135,6 +144,11 @@ class Command:
             return
         self._frames.append(message)
         self._wake()
+
+    @property
+    def waiting_to_send(self) -> bool:
+        """Whether the command is held back by a ``RATE_LIMITED`` back-off (its first read sends it)."""
+        return self._unsent
 
     def send_later(self) -> None:
         """The client is backing off: the first read of the command sends it."""

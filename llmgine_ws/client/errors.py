@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .messages import Message
 
-__all__ = ["ClientError", "ConnectionClosed", "HandshakeRejected", "RequestError", "RequestTimeout"]
+__all__ = ["ClientError", "ConnectionClosed", "HandshakeRejected", "RequestError", "RequestTimeout", "StateLost"]
 
 
 class ClientError(Exception):
@@ -80,3 +80,26 @@ class RequestError(ClientError):
 class RequestTimeout(ClientError, TimeoutError):
     """A bounded wait timed out: a request's response, :meth:`Client.receive`, or the opening
     of the connection (TCP connect, handshake and the ``connected`` message)."""
+
+
+class StateLost(ClientError):
+    """The connection dropped and the server could not resume the app: what the client had there
+    (sessions, engines, running commands, questions asked) is gone.
+
+    Requests and commands that were waiting for an answer fail with it; the client itself goes on,
+    reconnected as a new app (``client.app_id``), and ``on_state_lost`` handlers get it.
+
+    Attributes:
+        reason: the server's ``reason``: ``unknown`` (no such app or token), ``expired`` (the
+            resume window passed), ``gap`` (frames we missed are no longer buffered) or
+            ``disabled`` (the server does not resume).
+        previous_app_id: the app that was lost.
+        app_id: the new app the client now is.
+    """
+
+    def __init__(self, reason: str, previous_app_id: str, app_id: str) -> None:
+        super().__init__(f"the server could not resume app {previous_app_id!r} ({reason}): its sessions, "
+                         f"engines and pending requests are gone; the client is now app {app_id!r}")
+        self.reason = reason
+        self.previous_app_id = previous_app_id
+        self.app_id = app_id

@@ -67,18 +67,26 @@ class ServerRequestRunner:
     """Runs server-request handlers, each in its own task of the client's task group, and answers.
 
     A request the server withdraws (``server_request_cancelled``) has its handler cancelled and gets
-    no answer. A request whose ``message_id`` is already being handled is ignored, so a request the
-    server sends again (after a reconnect) is answered once.
+    no answer. Requests are deduplicated by ``message_id``: one that is already being handled is
+    ignored, and one already answered (the server sends every request still waiting again after a
+    resume: our answer may have been lost with the old connection) gets the same answer again,
+    without calling the handler twice. The last ``answered_limit`` answers are remembered.
     """
 
-    def __init__(self, task_group: anyio.abc.TaskGroup, respond: Respond) -> None:
+    def __init__(self, task_group: anyio.abc.TaskGroup, respond: Respond, *, answered_limit: int = 1000) -> None:
         self._task_group = task_group
         self._respond = respond
         self._running: dict[str, anyio.CancelScope] = {}
+        self._answered: dict[str, dict[str, Any]] = {}
+        self._answered_limit = max(0, answered_limit)
 
     def start(self, message: Message, request_type: str, handler: ServerRequestHandler | None) -> None:
         """Answer ``message`` with ``handler`` (refuse it at once when there is none)."""
         if message.message_id in self._running:
+            return
+        answered = self._answered.get(message.message_id)
+        if answered is not None:
+            self._respond(message.message_id, answered)
             return
         if handler is None:
             self._respond(message.message_id, {"response_type": request_type,
@@ -87,6 +95,14 @@ class ServerRequestRunner:
         scope = anyio.CancelScope()
         self._running[message.message_id] = scope
         self._task_group.start_soon(self._run, handler, message, request_type, scope)
+
+    def reset(self) -> None:
+        """The app these requests came from is gone (a failed resume): stop every handler, forget
+        every answer."""
+        for scope in self._running.values():
+            scope.cancel()
+        self._running.clear()
+        self._answered.clear()
 
     def withdraw(self, message_id: str) -> None:
         """The server stopped waiting: stop the handler, nobody will read its answer."""
@@ -113,5 +129,12 @@ class ServerRequestRunner:
             _log.debug("server request handler for %r failed", request_type, exc_info=True)
             answer = {"response_type": request_type, "error": str(exc) or type(exc).__name__}
         finally:
-            self._running.pop(message.message_id, None)
+            if self._running.get(message.message_id) is scope:
+                del self._running[message.message_id]
+        if scope.cancel_called:
+            return
+        if self._answered_limit:
+            self._answered[message.message_id] = answer
+            if len(self._answered) > self._answered_limit:
+                del self._answered[next(iter(self._answered))]
         self._respond(message.message_id, answer)

@@ -26,12 +26,15 @@ class Message(msgspec.Struct, frozen=True):
         data: the decoded JSON payload (usually a dict); for raw frames the frame's text (``str``)
             or, for a binary frame, its ``bytes``.
         server_initiated: ``True`` for messages the server sent on its own initiative.
+        seq: the frame's position in the app's stream (1, 2, 3…; every frame after ``connected``
+            of a server with resume), ``None`` when absent.
     """
 
     type: str
     message_id: str
     data: Any = None
     server_initiated: bool = False
+    seq: int | None = None
 
 
 class _Envelope(msgspec.Struct):

@@ -78,6 +78,8 @@ class Transport:
         self._partial_size = 0
         self._discarding = False
         self._close_deadline: float | None = None
+        self._last_activity = anyio.current_time()
+        self._activity = anyio.Event()
 
         self._closed = anyio.Event()
         self._close_code: int | None = None
@@ -145,6 +147,9 @@ class Transport:
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                 await self._lost("connection lost without a close frame")
                 continue
+            self._last_activity = anyio.current_time()
+            self._activity.set()
+            self._activity = anyio.Event()
             self._ws.receive_data(data)
             self._events.extend(self._ws.events())
 
@@ -203,6 +208,34 @@ class Transport:
         self._close_code = code
         self._close_reason = reason
         self._closed.set()
+        self._activity.set()
+
+    # ---------------------------------------------------------------- liveness
+
+    @property
+    def last_activity(self) -> float:
+        """When bytes last arrived from the peer (``anyio.current_time()`` clock)."""
+        return self._last_activity
+
+    async def wait_activity(self, since: float) -> None:
+        """Return once bytes arrived after ``since`` (or the connection closed)."""
+        while self._last_activity <= since and not self.closed:
+            await self._activity.wait()  # also set when the connection closes
+
+    def ping(self, payload: bytes = b"llmgine") -> None:
+        """Queue a WebSocket ping (its pong, like any bytes, counts as activity).
+
+        Raises:
+            ConnectionClosed: the connection is closed or closing.
+        """
+        if self.closed:
+            raise self.closed_error()
+        self._send_event_soon(Ping(payload=payload))
+
+    async def lose(self, reason: str) -> None:
+        """Declare the connection lost (close code 1006, ``reason``) and drop the socket, e.g. when
+        the peer stopped answering pings (a half-open connection)."""
+        await self._lost(reason)
 
     # ---------------------------------------------------------------- writing
 

@@ -13,12 +13,14 @@ import anyio
 
 from ..connection import Connection
 from ..errors import ErrorCode, ProtocolError
+from ..lifecycle import Host
 from ..messaging import MessagingAPI
 from ..metrics import Metrics
 from ..protocol import FrameEncoder
 from ..sessions import Session
 from ..usercode import contained
 from .api import Engine, EngineFactory
+from .coalescing import FlushScheduler
 from .worker import CommandWorker, EngineHandle, QueuedCommand
 
 logger = logging.getLogger("llmgine_ws.engines")
@@ -30,8 +32,11 @@ class EngineManager:
     def __init__(self, factories: Mapping[str, EngineFactory], *, encoder: FrameEncoder, messaging: MessagingAPI,
                  metrics: Metrics | None, start_timeout: float, stop_timeout: float,
                  max_inflight_requests: int, max_inflight_bytes: int = 0,
-                 on_change: Callable[[], None] = lambda: None) -> None:
+                 on_change: Callable[[], None] = lambda: None, host: Host | None = None,
+                 coalescing: FlushScheduler | None = None) -> None:
+        self._host = host
         self._factories = factories
+        self._coalescing = coalescing
         self._encoder = encoder
         self._messaging = messaging
         self._metrics = metrics
@@ -88,6 +93,7 @@ class EngineManager:
             await self._discard(handle, connection, "the session went away")
             raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, "session not found", {"session_id": handle.session_id})
         failure: str | None = None
+        timed_out = False
         try:
             with anyio.fail_after(self._start_timeout), contained(
                     logger, "engine %r failed to start for session %s", handle.engine_type, session.session_id,
@@ -101,6 +107,7 @@ class EngineManager:
             if outcome.failed:
                 failure = f"its {step} failed"
         except TimeoutError:
+            timed_out = True
             failure = f"its {step} timed out after {self._start_timeout:g}s"
             logger.error("engine %r for session %s: %s", handle.engine_type, handle.session_id, failure,
                          extra={"app_id": connection.app_id})
@@ -118,7 +125,8 @@ class EngineManager:
         if failure is not None:
             await self._discard(handle, connection, failure)
             raise ProtocolError(ErrorCode.ENGINE_CREATION_FAILED, f"engine {handle.engine_type!r} could not be "
-                                f"created: {failure}", {"engine_type": handle.engine_type, "step": step})
+                                f"created: {failure}", {"engine_type": handle.engine_type, "step": step,
+                                                        "timed_out": timed_out})
         self._on_change()
 
     async def _discard(self, handle: EngineHandle, connection: Connection, reason: str) -> None:
@@ -136,7 +144,7 @@ class EngineManager:
 
     def _worker(self, handle: EngineHandle, connection: Connection) -> CommandWorker:
         return CommandWorker(handle, connection, encoder=self._encoder, messaging=self._messaging,
-                             metrics=self._metrics)
+                             metrics=self._metrics, host=self._host, coalescing=self._coalescing)
 
     def submit(self, connection: Connection, session_id: str, message_id: str, command: object,
                cost: int = 0) -> None:

@@ -16,11 +16,13 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ..connection import Connection
 from ..errors import AppDisconnected, ProtocolError, ServerRequestFailed, ServerRequestTimeout, ServerShuttingDown
+from ..lifecycle import Host
 from ..messaging import MessagingAPI
 from ..metrics import Metrics
-from ..protocol import EngineCommandResData, EngineInfo, FrameEncoder, utcnow
+from ..protocol import EngineCommandResData, EngineEventData, EngineInfo, FrameEncoder, utcnow
 from ..usercode import contained
 from .api import Engine, EngineContext
+from .coalescing import FlushScheduler
 
 logger = logging.getLogger("llmgine_ws.engines")
 
@@ -143,8 +145,11 @@ class CommandWorker:
     """
 
     def __init__(self, handle: EngineHandle, connection: Connection, *, encoder: FrameEncoder,
-                 messaging: MessagingAPI, metrics: Metrics | None) -> None:
+                 messaging: MessagingAPI, metrics: Metrics | None, host: Host | None = None,
+                 coalescing: FlushScheduler | None = None) -> None:
+        self._host = host
         self._handle = handle
+        self._coalescing = coalescing
         self._connection = connection
         self._encoder = encoder
         self._messaging = messaging
@@ -156,7 +161,11 @@ class CommandWorker:
         try:
             async with handle.commands:
                 async for queued in handle.commands:
-                    reply = await self._run_command(queued)
+                    reply, ctx = await self._run_command(queued)
+                    try:
+                        await ctx._finish()  # the command's pending tokens go out before its result
+                    except AppDisconnected:
+                        return
                     if not await self._answer(queued, reply):
                         return
         finally:
@@ -179,7 +188,20 @@ class CommandWorker:
             self._metrics.request_done("engine_command", time.monotonic() - queued.arrived)
         return True
 
-    async def _run_command(self, queued: QueuedCommand) -> EngineCommandResData:
+    def _event(self, data: EngineEventData) -> str:
+        return self._encoder.event("engine_event", data)
+
+    async def _run_command(self, queued: QueuedCommand) -> tuple[EngineCommandResData, EngineContext]:
+        """Run one command; returns its answer and its context (whose pending events go out first)."""
+        handle, connection = self._handle, self._connection
+        line = None
+        if self._coalescing is not None:
+            line = self._coalescing.line(connection, handle.session_id, queued.message_id, self._event)
+        ctx = EngineContext(connection, handle.session_id, queued.message_id, encoder=self._encoder,
+                            messaging=self._messaging, host=self._host, line=line)
+        return await self._run_in(queued, ctx), ctx
+
+    async def _run_in(self, queued: QueuedCommand, ctx: EngineContext) -> EngineCommandResData:
         handle, connection = self._handle, self._connection
         session_id = handle.session_id
         handle.queued -= 1
@@ -196,8 +218,6 @@ class CommandWorker:
                 if handle.stopped:
                     queued.scope.cancel()
                 await anyio.lowlevel.checkpoint_if_cancelled()  # a command cancelled while queued never starts
-                ctx = EngineContext(connection, session_id, queued.message_id, encoder=self._encoder,
-                                    messaging=self._messaging)
                 with contained(logger, "engine %s (%s) failed on command %s", handle.engine_id, handle.engine_type,
                                queued.message_id, extra={"app_id": connection.app_id,
                                                          "message_id": queued.message_id}) as outcome:

@@ -4,6 +4,7 @@
 Pure msgspec: nothing here does I/O or knows about connections.
 """
 
+from .answers import AnswerCheck, answer_check
 from .codec import (
     ClientMessage,
     FrameCounter,
@@ -71,6 +72,7 @@ __all__ = [
     "RESERVED_MESSAGE_TYPES",
     "SERVER_REQUESTS",
     "AckData",
+    "AnswerCheck",
     "CancelData",
     "CancelResData",
     "ClientMessage",
@@ -113,6 +115,7 @@ __all__ = [
     "UserConfirmationResponse",
     "UserInputRequest",
     "UserInputResponse",
+    "answer_check",
     "envelope_for",
     "new_message_id",
     "utcnow",

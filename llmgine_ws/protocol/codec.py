@@ -9,8 +9,8 @@ in a single pass by :class:`MessageDecoder`. Server messages are :class:`Outboun
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 from datetime import UTC, datetime
 from typing import Any, Protocol, Union, cast
 
@@ -21,8 +21,17 @@ from .messages import MAX_MESSAGE_ID_LENGTH, ErrorData, MessageId
 
 
 def new_message_id() -> str:
-    """A fresh id for a server-initiated message."""
-    return str(uuid.uuid4())
+    """A fresh id for a server-initiated message (also app and session ids): a random (version 4)
+    UUID in its usual text form.
+
+    The same as ``str(uuid.uuid4())`` at 40% of its cost (no ``UUID`` object on the way): one is
+    made for every server-initiated frame.
+    """
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40  # version 4
+    raw[8] = raw[8] & 0x3F | 0x80  # RFC 4122 variant
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def utcnow() -> datetime:
@@ -108,11 +117,23 @@ class MessageDecoder:
         union: Any = Union[tuple(envelopes.values())]  # noqa: UP007 - a runtime-built union
         self._decoder: msgspec.json.Decoder[ClientMessage] = msgspec.json.Decoder(union)
         self._lenient = msgspec.json.Decoder(_LenientEnvelope)
+        self._syntax = msgspec.json.Decoder(msgspec.Raw)
         self._known = frozenset(envelopes)
 
     def decode(self, text: str) -> ClientMessage:
         """Decode one frame; raises ``msgspec.DecodeError`` or ``RecursionError`` on bad input."""
         return self._decoder.decode(text)
+
+    def envelope(self, text: str) -> tuple[str, str] | None:
+        """The ``type`` and ``message_id`` of a frame, read without decoding its ``data`` (which is only
+        skipped over); None unless both are readable strings."""
+        try:
+            envelope = self._lenient.decode(text)
+        except (msgspec.DecodeError, RecursionError):
+            return None
+        if not isinstance(envelope.type, str) or not _readable_id(envelope.message_id):
+            return None
+        return envelope.type, envelope.message_id
 
     def explain(self, text: str | bytes, exc: BaseException) -> tuple[str | None, ProtocolError]:
         """Classify a failed decode: returns (the request's message_id if readable, the error)."""
@@ -121,8 +142,15 @@ class MessageDecoder:
         except RecursionError:
             return None, ProtocolError(ErrorCode.INVALID_JSON, "JSON nested too deeply")
         except msgspec.ValidationError as lenient_exc:
-            # Syntactically JSON, but not an object at the top level, or holding a value no decoder
-            # accepts anywhere (e.g. 1e999); the first decode's error has the more precise path.
+            # Not an object at the top level, or holding a value no decoder accepts anywhere (e.g.
+            # 1e999); the first decode's error has the more precise path. Unless it is not even
+            # well-formed JSON (``[1, 2``: the lenient decoder stopped at the array): INVALID_JSON.
+            try:
+                self._syntax.decode(text)
+            except RecursionError:
+                pass  # well-formed as far as it can tell: deeper than any message, not an object anyway
+            except msgspec.DecodeError as syntax_exc:
+                return None, ProtocolError(ErrorCode.INVALID_JSON, f"invalid JSON: {syntax_exc}")
             original = exc if isinstance(exc, msgspec.ValidationError) else lenient_exc
             details = _path_details(str(original))
             if details["path"] == "$":
@@ -178,11 +206,20 @@ class FrameCounter(Protocol):
         """An error envelope with ``code`` was encoded."""
 
 
+def encode_foreign(obj: Any) -> Any:
+    """What msgspec cannot encode by itself: pydantic models (anything with ``model_dump``) become their
+    JSON-mode dump, so a FastAPI app can send its models as they are (without a pydantic dependency)."""
+    dump = getattr(obj, "model_dump", None)
+    if callable(dump):
+        return dump(mode="json")
+    raise TypeError(f"Encoding objects of type {type(obj).__name__} is unsupported")
+
+
 class FrameEncoder:
     """Encodes outbound envelopes to text frames (one encoder per app, counting them if told to)."""
 
     def __init__(self, counter: FrameCounter | None = None) -> None:
-        self._encoder = msgspec.json.Encoder()
+        self._encoder = msgspec.json.Encoder(enc_hook=encode_foreign)
         self._counter = counter
 
     def frame(self, message_type: str, message_id: str, data: Any, *, server_initiated: bool = False) -> str:

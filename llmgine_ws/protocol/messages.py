@@ -228,14 +228,18 @@ class DeleteEngineResData(msgspec.Struct, frozen=True, kw_only=True):
     deleted: bool = True
 
 
-class EngineEventData(msgspec.Struct, frozen=True, kw_only=True):
+class EngineEventData(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """``engine_event``: one streamed item of a running command."""
 
     session_id: str
     command_id: str
     seq: int
+    """The frame's place among the command's ``engine_event`` frames: 0, 1, 2… with no gaps."""
     event_type: str
     payload: Any
+    coalesced: int = 1
+    """How many ``token`` deltas this frame carries, their texts concatenated in ``payload.text``
+    (present only when more than one: see ``engine_event_coalesce_ms``)."""
 
 
 class EngineCommandResData(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

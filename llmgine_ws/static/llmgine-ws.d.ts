@@ -196,6 +196,7 @@ export interface EngineEventData {
   seq: number;
   event_type: string;
   payload: unknown;
+  coalesced?: number;
 }
 
 /** `engine_event`: One streamed event of a running engine_command (seq counts from 0, no gaps). */
@@ -557,6 +558,17 @@ export declare class DisconnectedError extends LlmgineError {}
 /** The caller's `AbortSignal` fired (`code` = `"ABORTED"`, `details` = the signal's reason). */
 export declare class AbortedError extends LlmgineError {}
 
+/**
+ * The server could not resume the app after a drop or a page reload (`code` = `"STATE_LOST"`): its
+ * sessions, engines and pending requests are gone; the client goes on as a new app.
+ */
+export declare class StateLostError extends LlmgineError {
+  /** `unknown`, `expired`, `gap`, `disabled`, or `superseded` (the app was resumed elsewhere, e.g. a duplicated tab). */
+  readonly reason: string;
+  readonly previousAppId: string | null;
+  readonly appId: string | null;
+}
+
 /** An engine command ended `cancelled` (`"COMMAND_CANCELLED"`) or `failed` (`"COMMAND_FAILED"`). */
 export declare class CommandError extends LlmgineError {
   readonly status: "cancelled" | "failed";
@@ -599,6 +611,21 @@ export interface LlmgineClientOptions {
   WebSocket?: typeof WebSocket;
   /** Where warnings go (default `console`). */
   logger?: Pick<Console, "warn" | "error">;
+  /**
+   * Resume the app after a drop or a page reload (default true, when the server announces a
+   * `resume_token`): sessions, engines, running commands and open questions survive. `false`: a
+   * drop loses them, as with a server without resume.
+   */
+  resume?: boolean;
+  /**
+   * The `sessionStorage` key keeping `{appId, token, lastSeq}` so that a reload resumes (default
+   * `"llmgine-ws:resume:<url>"`); `false` keeps them in memory only (a reload starts afresh).
+   */
+  persist?: string | false;
+  /** Milliseconds between acks while something is unacked (default 1000). */
+  ackInterval?: number;
+  /** Frames after which an ack is sent at once (default 64). */
+  ackFrames?: number;
 }
 
 export interface RequestOptions {
@@ -641,7 +668,12 @@ export type ServerRequestHandler<K extends string> = (
 export interface LlmgineClientEventMap {
   statechange: CustomEvent<{ state: ConnectionState; previous: ConnectionState }>;
   connecting: CustomEvent<{ attempt: number }>;
-  open: CustomEvent<{ appId: string; reconnected: boolean }>;
+  /** `resumed`: `true` a resume restored the app, `false` one was refused (see `statelost`), `null` none was tried. */
+  open: CustomEvent<{ appId: string; reconnected: boolean; resumed: boolean | null }>;
+  /** A drop or reload was resumed; fired before `open` and before the replay (call `attach` here). */
+  resumed: CustomEvent<{ appId: string; replayed: number; sessions: Array<{ session_id: string; status: string; engine?: unknown }> }>;
+  /** The server could not resume: pending promises were rejected with `StateLostError` first. */
+  statelost: CustomEvent<{ error: StateLostError; reason: string; previousAppId: string | null; appId: string | null }>;
   disconnect: CustomEvent<{ code: number; reason: string; wasClean: boolean; wasOpen: boolean }>;
   reconnecting: CustomEvent<{ attempt: number; delay: number; code: number; reason: string }>;
   closed: CustomEvent<{ code: number; reason: string }>;
@@ -651,9 +683,12 @@ export interface LlmgineClientEventMap {
 }
 
 /**
- * A connection to an llmgine_ws server that reopens itself (exponential backoff with jitter).
- * Every promise settles: on a reply, an error envelope, a timeout, or the moment the connection drops.
- * Sessions belong to a connection: after `open` with `reconnected: true`, create them again.
+ * A connection to an llmgine_ws server that reopens itself (exponential backoff with jitter) and,
+ * with a server that resumes, resumes the app — after a drop or a page reload: requests wait for the
+ * new connection and are sent again, every frame arrives once, open questions come back. Every
+ * promise settles: on a reply, an error envelope, a timeout, `StateLostError` when the server could
+ * not resume, or (without resume) the moment the connection drops. Without resume, or after
+ * `statelost`, sessions are gone: create them again.
  */
 export declare class LlmgineClient extends EventTarget {
   /** `url`: `ws(s)://…`, `http(s)://…` or a path (default `/api/ws`), resolved against the page. */
@@ -663,12 +698,18 @@ export declare class LlmgineClient extends EventTarget {
   /** The app_id the server gave the current connection (`null` while not open). */
   readonly appId: string | null;
   readonly isOpen: boolean;
+  /** How the last resume ended: `null` before any, then `true` or `false`. */
+  readonly resumed: boolean | null;
+  /** Whether a drop or reload now would be resumed (resume on, and the server gave a token). */
+  readonly resumable: boolean;
+  /** The highest `seq` received from the server. */
+  readonly lastSeq: number;
 
   /** Start connecting (when idle or closed) and resolve with the app_id once open. */
   connect(options?: { timeout?: number }): Promise<string>;
   /** Resolve with the app_id when (next) open; rejects if the client is idle/closed or becomes closed. */
   opened(options?: { timeout?: number }): Promise<string>;
-  /** Close for good (no reconnect); pending promises reject with `DisconnectedError` "CLOSED". */
+  /** Close for good (no reconnect); pending promises reject with `DisconnectedError` "CLOSED". Code 1000 (default) is a goodbye: the server ends the app, the saved resume state is forgotten. */
   close(code?: number, reason?: string): void;
   /** While waiting to reconnect, try now. */
   reconnectNow(): void;
@@ -694,6 +735,12 @@ export declare class LlmgineClient extends EventTarget {
   deleteEngine(sessionId: string): Promise<DeleteEngineResData>;
   /** Run an engine command: resolves with its `result`; rejects with `CommandError` when cancelled or failed. */
   command<R = unknown>(sessionId: string, command: unknown, options?: CommandOptions): TrackedPromise<R>;
+  /**
+   * Follow a command started before a page reload (its `messageId`, kept by the page): events from
+   * the resume on go to `onEvent`, and the promise settles like `command()`'s. Sends nothing. Call
+   * it from a `resumed` listener, before the replay arrives.
+   */
+  attach<R = unknown>(messageId: string, options?: CommandOptions): TrackedPromise<R>;
   /** Cancel one of our running requests (e.g. a command, by `promise.messageId`). */
   cancel(messageId: string): Promise<CancelResData>;
 

@@ -16,8 +16,15 @@
  * `server_request` with no handler is refused at once (a server-initiated frame of a custom type is a
  * server request when `onServerRequest` has a handler for that type); `server_request_cancelled` aborts the
  * handler's `AbortSignal`; `server_ping` is answered automatically; a lost connection is reopened
- * with exponential backoff and jitter (sessions belong to a connection: after a reconnect the
- * `open` event has `reconnected: true` and the app must create its sessions again).
+ * with exponential backoff and jitter.
+ *
+ * Resume (on by default, with a server that announces a `resume_token`): the client acks what it
+ * received and, after a drop *or a page reload* (`{app_id, resume_token, last_seq}` are kept in
+ * `sessionStorage`), sends `resume` first: sessions, engines, running commands and open questions
+ * survive, every frame arrives once and in order, requests not answered are sent again with their
+ * message_id, a question the server asks again brings its dialog back (a handler is never started
+ * twice for one message_id). When the server cannot resume, what waited rejects with
+ * `StateLostError` and a `statelost` event says so; the client goes on as a new app.
  */
 
 export const SUBPROTOCOL = "llmgine.v1";
@@ -61,6 +68,22 @@ export class DisconnectedError extends LlmgineError {
   constructor(code, message, details = null, messageId = null) {
     super(code, message, details, messageId);
     this.name = "DisconnectedError";
+  }
+}
+
+/**
+ * The server could not resume the app after a drop or a reload (code `STATE_LOST`): its sessions,
+ * engines and pending requests are gone. `reason`: `unknown`, `expired`, `gap`, `disabled` or
+ * `superseded` (the app was resumed elsewhere, e.g. by a duplicated tab).
+ */
+export class StateLostError extends LlmgineError {
+  constructor(reason, previousAppId, appId, messageId = null) {
+    super("STATE_LOST", `the server could not resume the app (${reason}): its sessions and pending requests are gone`,
+      { reason, previousAppId, appId }, messageId);
+    this.name = "StateLostError";
+    /** @type {string} */ this.reason = reason;
+    /** @type {string | null} */ this.previousAppId = previousAppId;
+    /** @type {string | null} */ this.appId = appId;
   }
 }
 
@@ -134,6 +157,17 @@ function errorText(error) {
 
 const DEFAULT_RECONNECT = Object.freeze({ initialDelay: 500, maxDelay: 15000, factor: 2, jitter: 0.5, maxRetries: Infinity });
 
+const ANSWERED_LIMIT = 1000; // server-request answers remembered, to answer a re-sent request again
+
+/** sessionStorage, or null where there is none (Node, a sandboxed frame) or it throws. */
+function sessionStore() {
+  try {
+    return globalThis.sessionStorage ?? null;
+  } catch {
+    return null;
+  }
+}
+
 // ------------------------------------------------------------------------------------------ client
 
 /**
@@ -142,7 +176,12 @@ const DEFAULT_RECONNECT = Object.freeze({ initialDelay: 500, maxDelay: 15000, fa
  * Events (an `EventTarget`; `client.on(name, fn)` returns an unsubscribe function; `event.detail`):
  *  - `statechange` {state, previous}: every change of `client.state`.
  *  - `connecting` {attempt}: a socket is being opened.
- *  - `open` {appId, reconnected}: the server's `connected` arrived; requests may be sent.
+ *  - `open` {appId, reconnected, resumed}: the connection is ready; requests may be sent. `resumed` is
+ *    `true` when a resume restored the app, `false` when one was refused, `null` when none was tried.
+ *  - `resumed` {appId, replayed, sessions}: a drop or reload was resumed (fired before `open`, and
+ *    before the replayed frames: attach to a command started before a reload here, see `attach`).
+ *  - `statelost` {error, reason, previousAppId, appId}: the server could not resume; pending
+ *    promises were rejected with `StateLostError` first.
  *  - `disconnect` {code, reason, wasClean}: the socket was lost (every pending promise is rejected first).
  *  - `reconnecting` {attempt, delay, code, reason}: waiting `delay` ms before the next attempt.
  *  - `closed` {code, reason}: for good (`close()` was called, or reconnecting is off or gave up).
@@ -167,6 +206,10 @@ export class LlmgineClient extends EventTarget {
       reconnect: options.reconnect === false ? false : { ...DEFAULT_RECONNECT, ...(options.reconnect === true ? {} : options.reconnect ?? {}) },
       WebSocket: options.WebSocket ?? globalThis.WebSocket,
       logger: options.logger ?? globalThis.console,
+      resume: options.resume !== false,
+      persist: options.persist === false ? null : (options.persist ?? `llmgine-ws:resume:${resolveUrl(url)}`),
+      ackInterval: options.ackInterval ?? 1000,
+      ackFrames: options.ackFrames ?? 64,
     };
     /** @type {"idle" | "connecting" | "open" | "reconnecting" | "closed"} */
     this.state = "idle";
@@ -186,6 +229,14 @@ export class LlmgineClient extends EventTarget {
     this._notificationHandlers = new Map(); // notification_type | "*" -> Set
     this._messageHandlers = new Map(); // type | "*" -> Set
     this._onOnline = () => this.reconnectNow();
+    /** Resume state: the app to resume, its single-use token, the last seq received and acked. */
+    this._rs = { appId: null, token: null, window: 0, lastSeq: 0, ackedSeq: -1 };
+    this._resuming = null; // {messageId, held: [], previousAppId} while waiting for resume_res
+    this._answered = new Map(); // server request message_id -> answer fields
+    this._ackTimer = null;
+    /** How the last resume ended: `null` before any, then `true` or `false`. */
+    this.resumed = null;
+    this._restore();
     // Connect in a microtask, so that listeners added right after `new` see the first events too.
     this._autoConnect = options.autoConnect !== false;
     if (this._autoConnect) {
@@ -240,9 +291,14 @@ export class LlmgineClient extends EventTarget {
     });
   }
 
-  /** Close for good: no reconnect; every pending promise is rejected with `DisconnectedError` (code `CLOSED`). */
+  /**
+   * Close for good: no reconnect; every pending promise is rejected with `DisconnectedError` (code
+   * `CLOSED`). Code 1000 (the default) is a goodbye: the server ends the app at once, and the saved
+   * resume state is forgotten.
+   */
   close(code = 1000, reason = "client closed") {
     this._autoConnect = false;
+    if (code === 1000) this._forgetResume();
     if (this.state === "closed") return;
     this._openSeq += 1;
     if (globalThis.removeEventListener) globalThis.removeEventListener("online", this._onOnline);
@@ -264,6 +320,16 @@ export class LlmgineClient extends EventTarget {
     if (this.state !== "reconnecting") return;
     this._clearTimers();
     this._open();
+  }
+
+  /** Whether a drop (or reload) now would be resumed: resume is on and the server gave a token. */
+  get resumable() {
+    return this.options.resume && !!this._rs.token;
+  }
+
+  /** The highest `seq` received from the server (0 before any, or without resume). */
+  get lastSeq() {
+    return this._rs.lastSeq;
   }
 
   /** `client.on("open", fn)` = addEventListener; returns the function that removes it. */
@@ -334,6 +400,15 @@ export class LlmgineClient extends EventTarget {
    */
   command(sessionId, command, { onEvent, signal, timeout = 0 } = {}) {
     return this._track("engine_command", { session_id: sessionId, command }, { kind: "command", timeout, signal, onEvent });
+  }
+
+  /**
+   * Follow a command started before a page reload (its `messageId`, kept by the page): `onEvent` gets
+   * its events from the resume on, and the promise settles like `command()`'s. Nothing is sent. Call
+   * it from a `resumed` listener (or an `open` one with `resumed: true`), before the replay arrives.
+   */
+  attach(messageId, { onEvent, signal, timeout = 0 } = {}) {
+    return this._track("engine_command", null, { kind: "command", timeout, signal, onEvent, messageId, send: false });
   }
 
   /** Cancel a running request of ours (e.g. a command) by its message_id; resolves with `cancel_res` data. */
@@ -409,7 +484,10 @@ export class LlmgineClient extends EventTarget {
     ws.onmessage = ws.onclose = ws.onerror = ws.onopen = null;
   }
 
-  /** The socket is gone (or never came): fail what waited on it, then reconnect or close. */
+  /**
+   * The socket is gone (or never came): fail what waited on it — unless the app will be resumed,
+   * then it waits for the new connection — and reconnect or close.
+   */
   _socketLost(ws, code, reason, wasClean) {
     if (ws) {
       this._detach(ws);
@@ -420,12 +498,23 @@ export class LlmgineClient extends EventTarget {
     this._ws = null;
     this._clearTimers();
     this._openSeq += 1;
+    this._resuming = null;
     const wasOpen = this.state === "open";
-    this._failEverything(new DisconnectedError("DISCONNECTED", `the connection was lost (${reason || code})`, { code, reason }));
+    const policy = this.options.reconnect;
+    const givingUp = !policy || this._attempt >= policy.maxRetries + 1;
+    if (code === 4000 && this._rs.token) {
+      // "superseded": the app was resumed on another connection (a duplicated tab): it is not ours any more.
+      const previous = this._rs.appId;
+      this._rs = { appId: null, token: null, window: 0, lastSeq: 0, ackedSeq: -1 };
+      this._persist();
+      this._stateLost("superseded", previous);
+    }
+    if (givingUp || !this.resumable) {
+      this._failEverything(new DisconnectedError("DISCONNECTED", `the connection was lost (${reason || code})`, { code, reason }));
+    }
     this.appId = null;
     this._emit("disconnect", { code, reason, wasClean, wasOpen });
-    const policy = this.options.reconnect;
-    if (!policy || this._attempt >= policy.maxRetries + 1) {
+    if (givingUp) {
       if (globalThis.removeEventListener) globalThis.removeEventListener("online", this._onOnline);
       this._setState("closed");
       this._emit("closed", { code, reason });
@@ -444,7 +533,8 @@ export class LlmgineClient extends EventTarget {
   _clearTimers() {
     if (this._retryTimer !== null) clearTimeout(this._retryTimer);
     if (this._connectTimer !== null) clearTimeout(this._connectTimer);
-    this._retryTimer = this._connectTimer = null;
+    if (this._ackTimer !== null) clearInterval(this._ackTimer);
+    this._retryTimer = this._connectTimer = this._ackTimer = null;
   }
 
   _setState(state) {
@@ -475,13 +565,119 @@ export class LlmgineClient extends EventTarget {
     }
     const running = Array.from(this._running.values());
     this._running.clear();
+    this._answered.clear();
     for (const controller of running) controller.abort(error);
+  }
+
+  // -------------------------------------------------------------------- internals: resume
+
+  /** Load `{appId, token, lastSeq}` saved by a previous page (a reload resumes). */
+  _restore() {
+    const store = this.options.persist && sessionStore();
+    if (!store || !this.options.resume) return;
+    try {
+      const saved = JSON.parse(store.getItem(this.options.persist) ?? "null");
+      if (saved && typeof saved.appId === "string" && typeof saved.token === "string" && Number.isInteger(saved.lastSeq)) {
+        this._rs = { appId: saved.appId, token: saved.token, window: 0, lastSeq: saved.lastSeq, ackedSeq: -1 };
+      }
+    } catch { /* nothing usable saved */ }
+  }
+
+  _persist() {
+    const store = this.options.persist && sessionStore();
+    if (!store) return;
+    try {
+      if (this.options.resume && this._rs.token) {
+        store.setItem(this.options.persist, JSON.stringify({ appId: this._rs.appId, token: this._rs.token, lastSeq: this._rs.lastSeq }));
+      } else {
+        store.removeItem(this.options.persist);
+      }
+    } catch { /* storage full or denied: a reload will not resume */ }
+  }
+
+  _forgetResume() {
+    this._rs = { appId: null, token: null, window: 0, lastSeq: 0, ackedSeq: -1 };
+    this._persist();
+  }
+
+  /** The server could not resume: what waited on the old app rejects with `StateLostError`. */
+  _stateLost(reason, previousAppId) {
+    const error = new StateLostError(reason, previousAppId, this._rs.appId);
+    const pending = Array.from(this._pending.entries());
+    this._pending.clear();
+    this._abandoned.clear();
+    for (const [messageId, entry] of pending) {
+      entry.cleanup();
+      entry.reject(new StateLostError(reason, previousAppId, this._rs.appId, messageId));
+    }
+    const running = Array.from(this._running.values());
+    this._running.clear();
+    this._answered.clear();
+    for (const controller of running) controller.abort(error);
+    this._emit("statelost", { error, reason, previousAppId, appId: this._rs.appId });
+  }
+
+  /** Ack what arrived: at once the first time (it opts in) and every `ackFrames` frames, else periodically. */
+  _maybeAck(periodic) {
+    const rs = this._rs;
+    if (!this.resumable || this.state !== "open") return;
+    const unacked = rs.lastSeq - rs.ackedSeq;
+    if (rs.ackedSeq < 0 || unacked >= this.options.ackFrames || (periodic && unacked > 0)) {
+      if (this._sendFrame({ type: "ack", message_id: newMessageId(), data: { seq: rs.lastSeq } })) rs.ackedSeq = rs.lastSeq;
+    }
+  }
+
+  _onResumeRes(message, data) {
+    const resuming = this._resuming;
+    this._resuming = null;
+    const previousAppId = this._rs.appId;
+    if (message.type === "resume_res" && data.resumed === true) {
+      this._rs.appId = typeof data.app_id === "string" ? data.app_id : previousAppId;
+      this._rs.token = typeof data.resume_token === "string" ? data.resume_token : null;
+      this._rs.ackedSeq = -1;
+      this._persist();
+      this.resumed = true;
+      this._ready(this._rs.appId, true, () => {
+        // Requests not answered before the drop go out again, same message_id: the server runs each once.
+        for (const entry of this._pending.values()) if (entry.frame) this._ws.send(entry.frame);
+        this._emit("resumed", { appId: this._rs.appId, replayed: data.replayed ?? 0, sessions: data.sessions ?? [] });
+      });
+      return;
+    }
+    const next = resuming.next;
+    const failed = message.type === "resume_res";
+    const reason = failed ? (typeof data.reason === "string" ? data.reason : "unknown") : "disabled";
+    this._rs = {
+      appId: (failed && typeof data.app_id === "string") ? data.app_id : (next.app_id ?? null),
+      token: (failed && typeof data.resume_token === "string") ? data.resume_token : (next.resume_token ?? null),
+      window: next.resume_window ?? 0, lastSeq: 0, ackedSeq: -1,
+    };
+    this._persist();
+    this.resumed = false;
+    this._ready(this._rs.appId, false, () => this._stateLost(reason, previousAppId));
+    for (const held of resuming.held) this._onMessage(held);
+  }
+
+  /** The connection is usable: state `open`, acks started, `before()` run, then the `open` event. */
+  _ready(appId, resumed, before = null) {
+    if (this._connectTimer !== null) clearTimeout(this._connectTimer);
+    this._connectTimer = null;
+    this.appId = appId ?? null;
+    const reconnected = this._everOpened;
+    this._everOpened = true;
+    this._attempt = 0;
+    this._setState("open");
+    if (this.resumable && this.options.ackInterval > 0) {
+      this._ackTimer = setInterval(() => this._maybeAck(true), this.options.ackInterval);
+    }
+    if (before) before();
+    this._maybeAck(false);
+    this._emit("open", { appId: this.appId, reconnected, resumed });
   }
 
   // -------------------------------------------------------------------- internals: requests
 
-  _track(type, data, { kind, timeout, signal, onEvent }) {
-    const messageId = newMessageId();
+  _track(type, data, { kind, timeout, signal, onEvent, messageId = newMessageId(), send = true }) {
     let entry = null;
     const promise = new Promise((resolve, reject) => {
       if (signal && signal.aborted) {
@@ -501,14 +697,18 @@ export class LlmgineClient extends EventTarget {
         this._abandon(messageId);
         reject(new AbortedError(`'${type}' was aborted`, signal.reason, messageId));
       };
+      const frame = send ? { type, message_id: messageId, data } : null;
       entry = {
         type, kind, onEvent, resolve, reject,
+        frame: frame && JSON.stringify(frame), // sent again after a resume
         cleanup: () => {
           if (timer !== null) clearTimeout(timer);
           if (signal) signal.removeEventListener("abort", onAbort);
         },
       };
-      if (!this._sendFrame({ type, message_id: messageId, data })) {
+      // While a resumable connection is being reopened, the request waits: it goes out after the resume.
+      const waits = this.resumable && (this.state === "reconnecting" || this.state === "connecting");
+      if (frame && !this._sendFrame(frame) && !waits) {
         reject(new DisconnectedError("NOT_CONNECTED", `cannot send '${type}': the client is ${this.state}`, null, messageId));
         return;
       }
@@ -565,6 +765,22 @@ export class LlmgineClient extends EventTarget {
       return;
     }
     if (!isPlainObject(message) || typeof message.type !== "string") return;
+    if (this._resuming && message.type !== "connected") {
+      const data = isPlainObject(message.data) ? message.data : {};
+      if (message.type === "resume_res" || (message.type === "error" && message.message_id === this._resuming.messageId)) {
+        this._onResumeRes(message, data);
+      } else if (this._resuming.held.length < 1000) {
+        this._resuming.held.push(message); // the new connection's own app: delivered if the resume fails
+      }
+      return;
+    }
+    this._onMessage(message);
+  }
+
+  _onMessage(message) {
+    const seq = message.seq;
+    const counted = this.options.resume && Number.isInteger(seq);
+    if (counted && seq <= this._rs.lastSeq) return; // seen already: a replay overlapping what had arrived
     const data = isPlainObject(message.data) ? message.data : {};
     switch (message.type) {
       case "connected":
@@ -606,27 +822,48 @@ export class LlmgineClient extends EventTarget {
     this._emit("message", { message });
     this._call(this._messageHandlers, message.type, data, message);
     this._call(this._messageHandlers, "*", data, message);
+    if (counted && this._rs.token) {
+      // Only now: a page unloaded in the middle of the handlers gets this frame again after its reload.
+      this._rs.lastSeq = seq;
+      this._persist();
+      this._maybeAck(false);
+    }
   }
 
   _onConnected(data) {
-    if (this._connectTimer !== null) clearTimeout(this._connectTimer);
-    this._connectTimer = null;
-    this.appId = data.app_id ?? null;
-    const reconnected = this._everOpened;
-    this._everOpened = true;
-    this._attempt = 0;
-    this._setState("open");
-    this._emit("open", { appId: this.appId, reconnected });
+    if (this.options.resume && this._rs.token && this._rs.appId && this._ws) {
+      // A drop or a reload: the first message is `resume`; the connection is ours once resume_res says so.
+      const messageId = newMessageId();
+      this._resuming = { messageId, held: [], next: data };
+      this._ws.send(JSON.stringify({ type: "resume", message_id: messageId,
+        data: { app_id: this._rs.appId, resume_token: this._rs.token, last_seq: this._rs.lastSeq } }));
+      return;
+    }
+    this._rs = { appId: data.app_id ?? null, token: typeof data.resume_token === "string" ? data.resume_token : null,
+      window: data.resume_window ?? 0, lastSeq: 0, ackedSeq: -1 };
+    this._persist();
+    this._ready(data.app_id ?? null, null);
   }
 
   _onServerRequest(message, data, requestType = data.request_type) {
     const messageId = message.message_id;
-    if (this._running.has(messageId)) return; // sent again (after a reconnect): answered once
+    if (this._running.has(messageId)) return; // sent again (after a resume) while its dialog is open: answered once
+    const answered = this._answered.get(messageId);
+    if (answered) {
+      // Answered already, but the answer was lost with the old connection: the same answer again.
+      this._sendFrame({ type: "server_response", message_id: messageId, data: answered });
+      return;
+    }
     const handler = this._requestHandlers.get(requestType);
     const ws = this._ws;
     const answer = (fields) => {
-      if (ws !== this._ws) return; // that connection is gone, and the request with it
-      this._sendFrame({ type: "server_response", message_id: messageId, data: { ...fields, response_type: requestType } });
+      // Without resume the request died with its connection; with it, the answer goes out now or,
+      // lost, again when the server asks again after the resume.
+      if (ws !== this._ws && !this.resumable) return;
+      const reply = { ...fields, response_type: requestType };
+      this._answered.set(messageId, reply);
+      if (this._answered.size > ANSWERED_LIMIT) this._answered.delete(this._answered.keys().next().value);
+      this._sendFrame({ type: "server_response", message_id: messageId, data: reply });
     };
     if (!handler) {
       answer({ error: `this client has no handler for request type '${requestType}'` });

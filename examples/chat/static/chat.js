@@ -1,5 +1,10 @@
 // The chat demo page: plain JS on top of the llmgine_ws browser client served by the app.
-import { LlmgineClient, CommandError, DisconnectedError } from "/api/client/llmgine-ws.js";
+//
+// It survives a dropped connection and a page reload: the client resumes the app (its session, the
+// running engine, an open question), and the page keeps its transcript and the id of the command in
+// progress in sessionStorage, so after a reload the reply goes on where it was and a confirm dialog
+// that was open comes back.
+import { LlmgineClient, CommandError, DisconnectedError, StateLostError } from "/api/client/llmgine-ws.js";
 
 const params = new URLSearchParams(location.search);
 const engineConfig = {};
@@ -21,6 +26,23 @@ const client = new LlmgineClient("/api/ws", {
   reconnect: { initialDelay: Number(params.get("reconnect_delay") || 500), maxDelay: 8000 },
 });
 
+// ------------------------------------------------------------------ what a reload keeps
+
+const STORE_KEY = "llmgine-chat-demo";
+const store = (() => { try { return globalThis.sessionStorage; } catch { return null; } })();
+/** {sessionId, transcript: [{role, text, kind?, status?, note?, events?}], running: {commandId, index} | null} */
+const saved = (() => {
+  try {
+    const value = JSON.parse(store?.getItem(STORE_KEY) ?? "null");
+    if (value && Array.isArray(value.transcript)) return value;
+  } catch { /* nothing usable */ }
+  return { sessionId: null, transcript: [], running: null };
+})();
+
+function save() {
+  try { store?.setItem(STORE_KEY, JSON.stringify(saved)); } catch { /* storage full: a reload starts afresh */ }
+}
+
 let sessionId = null;
 let running = null; // AbortController of the command in progress
 
@@ -29,6 +51,7 @@ window.chatDemo = {
   client,
   get sessionId() { return sessionId; },
   get busy() { return running !== null; },
+  get runningCommand() { return saved.running?.commandId ?? null; },
   stop() { running?.abort(); }, // what the Stop button does (also while a modal dialog makes it unreachable)
 };
 
@@ -45,44 +68,76 @@ function scrollDown() {
   transcript.scrollTop = transcript.scrollHeight;
 }
 
-function addSystem(text, kind = "") {
+function addSystem(text, kind = "", record = true) {
   $("[data-testid=empty]")?.remove();
   const line = el("div", `system ${kind}`.trim(), text);
   line.dataset.testid = "system";
   transcript.append(line);
   scrollDown();
+  if (record) {
+    saved.transcript.push({ role: "system", text, kind });
+    save();
+  }
   return line;
 }
 
-function addUser(text) {
+function addUser(text, record = true) {
   $("[data-testid=empty]")?.remove();
   const msg = el("div", "msg user");
   msg.dataset.testid = "message-user";
   msg.append(el("span", "who", "You"), el("div", "bubble", text || "(empty message)"));
   transcript.append(msg);
   scrollDown();
+  if (record) {
+    saved.transcript.push({ role: "user", text });
+    save();
+  }
 }
 
-function addAssistant() {
+/** An assistant bubble; `entry` is its record in the saved transcript (created unless given). */
+function addAssistant(entry = null) {
+  $("[data-testid=empty]")?.remove();
+  if (entry === null) {
+    entry = { role: "assistant", text: "", status: "streaming", note: "", events: [] };
+    saved.transcript.push(entry);
+    save();
+  }
   const msg = el("div", "msg assistant");
   msg.dataset.testid = "message-assistant";
-  msg.dataset.status = "streaming";
-  const bubble = el("div", "bubble");
+  msg.dataset.status = entry.status;
+  const bubble = el("div", "bubble", entry.text);
   const events = el("div", "events");
-  const note = el("span", "status-note");
+  for (const [text, kind] of entry.events) events.append(el("span", `event ${kind}`.trim(), text));
+  const note = el("span", "status-note", entry.note);
   msg.append(el("span", "who", engineName), events, bubble, note);
   transcript.append(msg);
   scrollDown();
   return {
-    append(text) { bubble.textContent += text; scrollDown(); },
-    event(text, kind = "") { events.append(el("span", `event ${kind}`.trim(), text)); scrollDown(); },
+    index: saved.transcript.indexOf(entry),
+    append(text) { bubble.textContent += text; entry.text += text; save(); scrollDown(); },
+    event(text, kind = "") {
+      events.append(el("span", `event ${kind}`.trim(), text));
+      entry.events.push([text, kind]);
+      save();
+      scrollDown();
+    },
     finish(status, text = "") {
       msg.dataset.status = status;
       note.textContent = text;
       bubble.textContent = bubble.textContent.trimEnd();
       if (!bubble.textContent) bubble.textContent = status === "cancelled" ? "…" : "";
+      Object.assign(entry, { status, note: text, text: bubble.textContent });
+      save();
     },
   };
+}
+
+/** The transcript a previous page of this tab left (a reload): drawn again, assistant bubbles kept by index. */
+const bubbles = new Map();
+for (const entry of saved.transcript) {
+  if (entry.role === "user") addUser(entry.text, false);
+  else if (entry.role === "system") addSystem(entry.text, entry.kind ?? "", false);
+  else if (entry.role === "assistant") bubbles.set(saved.transcript.indexOf(entry), addAssistant(entry));
 }
 
 function toast(title, message, kind = "info", ttl = 6000) {
@@ -198,13 +253,39 @@ client.on("reconnecting", (event) => {
   addSystem(`Connection lost — reconnecting in ${seconds} s (attempt ${event.detail.attempt})`, "warn");
 });
 
+// A drop or a reload was resumed: the session and its engine are still there. A command that was
+// running before a reload goes on: follow it (before the replayed events arrive, hence here).
+client.on("resumed", () => {
+  sessionId = saved.sessionId;
+  const command = saved.running;
+  if (command && !running) {
+    const reply = bubbles.get(command.index);
+    if (reply) follow(client.attach(command.commandId, { onEvent: (event) => render(reply, event) }), reply, new AbortController());
+  }
+});
+
+client.on("statelost", (event) => {
+  addSystem(`The server could not resume this conversation (${event.detail.reason}) — starting a new session`, "warn");
+  if (saved.running && !running) bubbles.get(saved.running.index)?.finish("failed", "Lost with the connection");
+  saved.running = null;
+  saved.sessionId = null;
+  save();
+});
+
 client.on("open", async (event) => {
+  if (event.detail.resumed === true && saved.sessionId) {
+    sessionId = saved.sessionId;
+    addSystem(event.detail.reconnected ? "Reconnected — the conversation goes on" : "Resumed — the conversation goes on");
+    renderState();
+    return;
+  }
   sessionId = null;
   renderState();
   try {
     const id = await client.createSession();
     await client.createEngine(id, "chat", engineConfig);
-    sessionId = id;
+    sessionId = saved.sessionId = id;
+    save();
     addSystem(event.detail.reconnected
       ? "Reconnected — the server gave this connection a new session"
       : `Connected — session ${id.slice(0, 8)} with a chat engine`);
@@ -216,31 +297,42 @@ client.on("open", async (event) => {
 
 // ------------------------------------------------------------------ chatting
 
+function render(reply, event) {
+  const payload = event.payload ?? {};
+  if (event.event_type === "token") reply.append(payload.text ?? "");
+  else if (event.event_type === "tool_call") reply.event(`⚙ ${payload.tool}(${Object.values(payload.args ?? {}).join(", ")})`);
+  else if (event.event_type === "tool_result") reply.event(`✓ ${payload.result}`, "result");
+  else reply.event(`${event.event_type}`);
+}
+
+/** Wait for a command (sent now, or followed after a reload) and show how it ended. */
+async function follow(promise, reply, controller) {
+  saved.running = { commandId: promise.messageId, index: reply.index };
+  save();
+  setBusy(controller);
+  controller.signal.addEventListener("abort", () => client.cancel(promise.messageId).catch(() => {}), { once: true });
+  try {
+    const result = await promise;
+    reply.finish("completed", result && result.turn ? `turn ${result.turn}` : "");
+  } catch (error) {
+    if (error instanceof CommandError && error.status === "cancelled") reply.finish("cancelled", "Stopped");
+    else if (error instanceof StateLostError) reply.finish("failed", "Lost with the connection");
+    else if (error instanceof DisconnectedError) reply.finish("failed", "Connection lost before the reply finished");
+    else reply.finish("failed", error.message);
+  } finally {
+    if (saved.running?.commandId === promise.messageId) saved.running = null;
+    save();
+    setBusy(null);
+  }
+}
+
 async function send(text) {
   if (!client.isOpen || !sessionId || running) return;
   addUser(text);
   const reply = addAssistant();
   const controller = new AbortController();
-  setBusy(controller);
-  try {
-    const result = await client.command(sessionId, { text }, {
-      signal: controller.signal,
-      onEvent(event) {
-        const payload = event.payload ?? {};
-        if (event.event_type === "token") reply.append(payload.text ?? "");
-        else if (event.event_type === "tool_call") reply.event(`⚙ ${payload.tool}(${Object.values(payload.args ?? {}).join(", ")})`);
-        else if (event.event_type === "tool_result") reply.event(`✓ ${payload.result}`, "result");
-        else reply.event(`${event.event_type}`);
-      },
-    });
-    reply.finish("completed", result && result.turn ? `turn ${result.turn}` : "");
-  } catch (error) {
-    if (error instanceof CommandError && error.status === "cancelled") reply.finish("cancelled", "Stopped");
-    else if (error instanceof DisconnectedError) reply.finish("failed", "Connection lost before the reply finished");
-    else reply.finish("failed", error.message);
-  } finally {
-    setBusy(null);
-  }
+  const promise = client.command(sessionId, { text }, { onEvent: (event) => render(reply, event) });
+  await follow(promise, reply, controller);
 }
 
 form.addEventListener("submit", (event) => {
