@@ -13,7 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.lowlevel
@@ -35,6 +35,8 @@ WS_POLICY_VIOLATION = 1008
 WS_MESSAGE_TOO_BIG = 1009
 WS_INTERNAL_ERROR = 1011
 WS_TRY_AGAIN_LATER = 1013
+WS_SERVICE_RESTART = 1012
+"""Closes a resumable app's socket on a draining node of a cluster: resume on another node."""
 WS_SUPERSEDED = 4000
 """Closes a socket whose app was resumed on a newer one (the half-open case)."""
 
@@ -55,7 +57,20 @@ class CloseRequest:
         self.reason = reason
 
 
+class DetachRequest(CloseRequest):
+    """Queued behind earlier frames when the socket should go after them but the app stay (drain)."""
+
+    __slots__ = ()
+
+
 OutboundItem = str | CloseRequest
+
+
+class Proxy(Protocol):
+    """What a socket does with its client's frames when it serves an app of another node."""
+
+    async def forward(self, text: str) -> None:
+        """Send one client frame to the app's node (waits while the backplane is busy)."""
 
 
 class Link:
@@ -66,6 +81,9 @@ class Link:
     """
 
     __slots__ = ("app", "close_code", "close_reason", "lost", "preamble", "released", "task_group")
+
+    remote = False
+    """True for a link whose socket is on another node of the cluster (no endpoint here cleans up)."""
 
     def __init__(self, app: Connection) -> None:
         self.app = app
@@ -233,6 +251,9 @@ class Connection:
         """Detaches a resumable app whose link failed (True if it did); set by the resume coordinator."""
         self.on_overflow: Callable[[Connection], None] | None = None
         """Ends a detached app whose replay buffer overflowed; set by the resume coordinator."""
+        self.proxy: Proxy | None = None
+        """Set once this connection's socket serves an app of another node (a cluster resume): its
+        client's frames go there, and that node's frames come back into :attr:`outbox` unstamped."""
 
     @property
     def user_id(self) -> str | None:

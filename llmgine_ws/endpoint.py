@@ -23,6 +23,7 @@ from .connection import (
     WS_NORMAL,
     CloseRequest,
     Connection,
+    DetachRequest,
     Link,
     OutboundItem,
 )
@@ -160,7 +161,11 @@ class MessageEndpoint:
                 connection.force_close(WS_MESSAGE_TOO_BIG, "message too big", size=size, limit=max_size)
                 return False
             if text is not None:
-                dispatch(connection, text)  # the hot path: no coroutine, no await
+                proxy = connection.proxy
+                if proxy is None:
+                    dispatch(connection, text)  # the hot path: no coroutine, no await
+                else:
+                    await proxy.forward(text)  # the app lives on another node (cluster resume)
             elif dispatcher.within_rate_limit(connection, None):
                 connection.send_soon(self.runtime.encoder.error(None, BINARY_FRAME_ERROR))
 
@@ -179,7 +184,10 @@ class MessageEndpoint:
                     while True:
                         item = await outbox.get()
                         if isinstance(item, CloseRequest):
-                            connection.close(item.code, item.reason)
+                            if isinstance(item, DetachRequest):  # drain: the app stays, resumable elsewhere
+                                connection.drop_link(item.code, item.reason)
+                            else:
+                                connection.close(item.code, item.reason)
                             return
                         await send({"type": "websocket.send", "text": item})
                         item = None  # an idle connection keeps no reference to the last frame it wrote
@@ -212,6 +220,8 @@ class MessageEndpoint:
         while True:
             await anyio.sleep(interval)
             connection = link.app
+            if connection.proxy is not None:
+                continue  # the app's own node sequences its frames: no ping from here (docs/resume.md)
             if len(connection.unanswered_pings) >= allowed_misses:
                 # A resumable app is detached (the socket is likely half-open); any other is closed.
                 connection.drop_link(WS_INTERNAL_ERROR, "server pings unanswered",

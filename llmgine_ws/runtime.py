@@ -20,7 +20,7 @@ from anyio.from_thread import BlockingPortal
 from .audit import AuditLog
 from .auth import Authenticator, authenticator_from_config
 from .config import APIConfig
-from .connection import WS_GOING_AWAY, Connection
+from .connection import WS_GOING_AWAY, WS_SERVICE_RESTART, Connection, DetachRequest
 from .context import Services
 from .dispatch import Dispatcher
 from .engines import EngineManager
@@ -178,7 +178,7 @@ class Runtime:
                 finally:
                     connection.lose()
                     with anyio.CancelScope(shield=True):
-                        if connection.link is not None:
+                        if connection.link is not None and not connection.link.remote:
                             await connection.closed.wait()  # the socket's endpoint cleans up, as in the seed
                         else:
                             await self.close_connection(connection)
@@ -263,9 +263,16 @@ class Runtime:
         drain = self.config.drain_timeout
         logger.info("shutting down: draining %d connection(s) for up to %.1fs", len(self.hub), drain)
         for connection in self.hub:
+            movable = self.resumer.movable(connection)
+            extra: dict[str, Any] = {"drain_seconds": drain, "resume": True} if movable else {"drain_seconds": drain}
             data = NotificationData(notification_type="server_shutting_down", message="the server is restarting",
-                                    additional_data={"drain_seconds": drain})
+                                    additional_data=extra)
             connection.send_nowait(self.encoder.event("notification", data))
+            if movable:  # in a cluster: the socket goes (1012) after the notice, the app stays resumable elsewhere
+                request = DetachRequest(WS_SERVICE_RESTART, "server restarting: resume on another node")
+                if not connection.outbox.put_nowait(request):
+                    connection.drop_link(request.code, request.reason)
+        self.resumer.drain_remote()
         with anyio.move_on_after(drain) as draining:
             for connection in self.hub:
                 await connection.wait_idle()
