@@ -38,6 +38,15 @@ def decoded_size_estimate(text: str) -> int:
     return size + 48 * (text.count("[") + text.count("{") + text.count(","))
 
 
+def _fresh_ack(connection: Connection, message: Any) -> bool:
+    """Whether ``message`` is an ``ack`` of frames not acked yet (or the first, opting in): free under the
+    rate limit, like an answer, since there can be no more of them than frames the server sent."""
+    resume = connection.resume
+    seq = getattr(message.data, "seq", None)
+    if resume is None or not isinstance(seq, int) or isinstance(message.data, dict):
+        return False
+    return not resume.ack_seen or (resume.resumable and resume.acked < seq <= resume.seq)
+
 QUEUED_INLINE = frozenset({"engine_command"})
 """Inline handlers whose requests are queued and held in flight (and so charged to the byte budget)."""
 
@@ -81,12 +90,16 @@ class Dispatcher:
             return
         spec = self._table[type(message)]
         message_id: str = message.message_id
-        if spec.message_type in ANSWERS and connection.awaits_answer(message_id):
-            pass  # an answer to the server's own request: the server bounds how many it asks
+        if spec.message_type in ANSWERS and (connection.awaits_answer(message_id) or _fresh_ack(connection, message)):
+            pass  # an answer to the server's own request (or an ack of new frames): the server bounds how many
         elif not self.within_rate_limit(connection, message_id):
             return
         if self._metrics is not None:
             self._metrics.message_in(spec.message_type)
+        resume = connection.resume
+        if resume is not None and resume.resend_ids and spec.message_type not in ANSWERS \
+                and resume.is_resend(message_id):
+            return  # resent after a resume: it is running (answered once, when done) or its answer was replayed
         if not self._lifecycle.accepting and spec.message_type not in ALLOWED_WHILE_DRAINING:
             connection.send_soon(self._encoder.error(message_id, ProtocolError(
                 ErrorCode.SHUTTING_DOWN, "the server is shutting down; reconnect shortly",

@@ -256,19 +256,24 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def send_receive_event_to_app(self) -> None:
         """Hand a complete message to the app; invalid UTF-8 closes 1007 (logged without a traceback)."""
-        if self.curr_msg_data_type == "text" and not self.close_sent:
-            data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
-            try:
-                data.decode()
-            except UnicodeDecodeError:
-                self.frames = []
-                logger.info("closed a connection from %s: invalid UTF-8 in a text frame (1007)",
-                            self.client[0] if self.client else None)
-                self.conn.send_close(1007, "invalid UTF-8")
-                self.handle_parser_exception()
-                self._abort_later()
-                return
-        super().send_receive_event_to_app()
+        if self.curr_msg_data_type != "text" or self.close_sent:
+            super().send_receive_event_to_app()
+            return
+        data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
+        self.frames = []
+        try:
+            text = data.decode()
+        except UnicodeDecodeError:
+            logger.info("closed a connection from %s: invalid UTF-8 in a text frame (1007)",
+                        self.client[0] if self.client else None)
+            self.conn.send_close(1007, "invalid UTF-8")
+            self.handle_parser_exception()
+            self._abort_later()
+            return
+        self.queue.put_nowait({"type": "websocket.receive", "text": text})
+        if not self.read_paused:  # as uvicorn does: one message at a time
+            self.read_paused = True
+            self.transport.pause_reading()
 
     async def send(self, message: Any) -> None:
         """Send an ASGI event; a handshake refused with an HTTP response counts as complete."""

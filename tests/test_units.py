@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from starlette.testclient import TestClient
 
@@ -59,6 +60,29 @@ async def test_pending_request_first_outcome_wins() -> None:
     failed.resolve({"late": True})
     with pytest.raises(AppDisconnected):
         await failed.wait()
+
+
+async def test_pending_request_times_out_wakes_and_cancels() -> None:
+    """The waiter (a bare future and a loop timer on asyncio, an anyio Event elsewhere): a timeout is
+    a TimeoutError, an answer from another task wakes it, a cancel scope cancels it."""
+    with pytest.raises(TimeoutError):
+        await PendingRequest("app", "t").wait(0.01)
+
+    answered = PendingRequest("app", "a")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: _resolve_soon(answered))
+        assert await answered.wait(30) == {"ok": 1}
+
+    waiting = PendingRequest("app", "c")
+    with anyio.move_on_after(0.01) as scope:
+        await waiting.wait(30)
+    assert scope.cancelled_caught
+    waiting.resolve({"late": True})  # nobody waits any more: harmless
+
+
+async def _resolve_soon(pending: PendingRequest) -> None:
+    await anyio.lowlevel.checkpoint()
+    pending.resolve({"ok": 1})
 
 
 async def test_hub_tracks_connections_and_signals_empty() -> None:
@@ -170,6 +194,7 @@ def test_full_stack_under_each_backend(anyio_backend: str) -> None:
         ws.send_json({"type": "server_response", "message_id": request["message_id"],
                       "data": {"response_type": "user_input", "user_input": anyio_backend}})
         reply = ws.receive_json()
+        assert isinstance(reply.pop("seq"), int)  # every frame after connected carries one (resume)
         assert reply == {"type": "greet_res", "message_id": "g1", "data": {"hello": anyio_backend}}
         ws.send_json({"type": "status", "message_id": "s1", "data": {"session_id": session_id}})
         assert ws.receive_json()["data"]["session_id"] == session_id
