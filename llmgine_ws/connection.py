@@ -23,7 +23,7 @@ from .audit import AuditLog
 from .errors import AppDisconnected, ErrorCode, ProtocolError
 from .lifecycle import LazyEvent
 from .outbox import Outbox, OutboxClosed
-from .protocol import AnswerCheck, utcnow
+from .protocol import AnswerCheck, FrameEncoder, ServerPingData, new_message_id, utcnow
 from .replay import ResumeState
 from .security import RateLimiter, TokenBucket
 
@@ -530,3 +530,26 @@ class Connection:
 
     def __repr__(self) -> str:
         return f"Connection({self.app_id!r})"
+
+
+async def keep_alive(link: Link, interval: float, allowed_misses: int, encoder: FrameEncoder) -> None:
+    """Ping the client of ``link`` every ``interval`` seconds; after ``allowed_misses`` unanswered pings
+    in a row the link is dropped (a resumable app is detached, the socket likely half-open; any other
+    is closed with 1011). Runs until the link stops serving its app (or is cancelled with it)."""
+    while True:
+        await anyio.sleep(interval)
+        connection = link.app
+        if connection.proxy is not None:
+            continue  # the app's own node sequences its frames (and pings): nothing from here
+        if link.remote and connection.link is not link:
+            return  # a remote link that was superseded, detached or closed
+        if len(connection.unanswered_pings) >= allowed_misses:
+            connection.drop_link(WS_INTERNAL_ERROR, "server pings unanswered", missed=len(connection.unanswered_pings))
+            return
+        message_id = new_message_id()
+        connection.unanswered_pings[message_id] = time.monotonic()
+        try:
+            await connection.send(encoder.frame("server_ping", message_id, ServerPingData(timestamp=utcnow()),
+                                                server_initiated=True))
+        except AppDisconnected:
+            return

@@ -54,7 +54,8 @@ def test_llm_answers(tmp_path: Path) -> None:
     but a lost token or a failed answer is a bug."""
     record = tmp_path / "w6.json"
     out = run_script("llm_answers.py", "--sessions", "3", "8", "--reps", "1", "--seconds", "0.5",
-                     "--start-delay", "0.3", "--grace", "20", "--no-early-stop", "--json", str(record), *PIN)
+                     "--start-delay", "0.3", "--grace", "20", "--no-early-stop", "--retries", "0",
+                     "--json", str(record), *PIN)
     assert "largest N held" in out
     runs = json.loads(record.read_text())["runs"]
     assert {(run["side"], run["sessions"]) for run in runs} >= {

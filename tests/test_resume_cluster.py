@@ -185,6 +185,29 @@ async def test_resume_elsewhere_supersedes_a_half_open_socket(broker: Broker) ->
                 assert reply["message_id"] == "p2"
 
 
+async def test_the_owner_pings_a_proxied_socket_and_notices_it_half_open(broker: Broker) -> None:
+    async with two_nodes(broker, ping_interval=0.3, missed_pongs=2) as (a, b, _gates), \
+            tcp_proxy(b.port) as proxy, peer(a.ws_url + AS_ALICE) as first:
+        await first.ack()
+        ping = await first.recv_type("server_ping")
+        await first.send("server_pong", {"timestamp": ping["data"]["timestamp"]}, ping["message_id"])
+        await first.ack_synced()
+        app_id, token, last_seq = first.app_id, first.token, first.last_seq
+        await wait_visible(b, app_id)
+        connection = app_of(a, app_id)
+        async with resumed(proxy.ws_url() + AS_ALICE, app_id, token, last_seq) as (client, answer):
+            assert answer["data"]["resumed"] is True
+            await first.raw.messages_until_close()
+            assert first.raw.close_code == 4000
+            # the owner's pings reach the client through B, in the app's seq; the answer goes back
+            ping = await client.recv_type("server_ping")
+            await client.send("server_pong", {"timestamp": ping["data"]["timestamp"]}, ping["message_id"])
+            await a.eventually(lambda: ping["message_id"] not in connection.unanswered_pings)
+            proxy.blackhole()  # B's socket is half-open now: A's pings go unanswered
+            await a.eventually(lambda: connection.detached)
+            await b.eventually(lambda: not b.runtime.resumer.remote.table.proxied)  # type: ignore[union-attr]
+
+
 async def test_rolling_restart_drains_to_the_other_node(broker: Broker) -> None:
     async with two_nodes(broker, drain_timeout=10) as (a, b, gates), peer(a.ws_url + AS_ALICE) as client:
         session_id = await start_engine(client)
