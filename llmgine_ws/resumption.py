@@ -201,7 +201,7 @@ class Resumer:
         leftovers = [item for item in new.outbox.take_all() if isinstance(item, str)]
         new.link = None
         link.app = target
-        link.preamble.extend(leftovers)
+        link.add_preamble(leftovers)
         self.take_over(target, link, data.last_seq, ctx.message_id, principal=principal, client_ip=new.client_ip)
         new.outbox.close()  # the writer moves over to the resumed app: preamble, then its outbox
         new.close(WS_NORMAL, "resumed another app")  # the throwaway app is cleaned up (no close frame)
@@ -233,8 +233,7 @@ class Resumer:
         answer = Unsequenced(self._encoder.frame("resume_res", message_id, ResumeResData(
             resumed=True, app_id=target.app_id, resume_token=token, replayed=len(replay),
             sessions=self._sessions(target))))
-        link.preamble.append(answer)
-        link.preamble.extend(replay)
+        link.add_preamble((answer, *replay))
         target.attach_link(link)
         for pending in list(target.pending.values()):
             target.send_soon(pending.frame)  # a reloaded page lost its dialog: ask again (same message_id)

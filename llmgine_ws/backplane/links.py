@@ -482,8 +482,8 @@ class RemoteResume:
         """Publish the app's frames to the serving node until the link ends."""
         try:
             with link.scope:
-                preamble = [str(frame) for frame in link.preamble]  # (plain str: msgpack encodes no subclass)
-                link.preamble.clear()
+                preamble = [str(frame) for frame in link.preamble or ()]  # (plain str: msgpack encodes no subclass)
+                link.preamble = None
                 await self.publish(link.node, LinkOpen(node=self.node_id, link=link.link_id, app_id=app.app_id,
                                                        gen=link.gen, frames=preamble[:1]))
                 await self._send(link, preamble[1:])
