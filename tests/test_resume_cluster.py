@@ -289,6 +289,52 @@ async def test_owner_killed_resume_answers_within_two_heartbeats(broker: Broker)
             await a.process.wait()
 
 
+async def test_rolling_restart_of_a_node_process(broker: Broker) -> None:
+    """SIGTERM to the node holding a conversation: the client is sent to the other node and the
+    answer goes on (the engine stays on the restarting node until the drain ends)."""
+    env = {**node_env(broker.url, "d" + uuid.uuid4().hex[:12]), "LLMGINE_API_RESUME_WINDOW": "120",
+           "LLMGINE_API_DRAIN_TIMEOUT": "20"}
+    async with node_process(env) as a, node_process(env) as b:
+        await a.wait_until("node_count", 2)
+        await b.wait_until("node_count", 2)
+        async with peer(a.ws_url + AS_ALICE) as client:
+            session_id = (await client.request("create_session", {}, "cs"))["data"]["session_id"]
+            reply = await client.request("create_engine", {"session_id": session_id, "engine_type": "gated"}, "ce")
+            assert reply["type"] == "create_engine_res", reply
+            await client.ack()
+            await client.send("engine_command", {"session_id": session_id, "command": {
+                "n": 40, "pause_at": 20, "gate": "g"}}, "cmd")
+            events = []
+            while len(events) < 20:
+                message = await client.recv()
+                if message["type"] == "engine_event":
+                    events.append(message["data"]["payload"]["i"])
+            app_id, token = client.app_id, client.token
+            await b.wait_until("is_app_connected", True, app_id=app_id)
+            os.killpg(a.process.pid, signal.SIGTERM)  # a rolling restart reaches node A
+            notice = await client.recv_type("notification", timeout=10)
+            assert notice["data"]["additional_data"]["resume"] is True
+            assert await client.raw.messages_until_close() == []
+            assert client.raw.close_code == 1012
+            last_seq = client.last_seq
+        async with resumed(b.ws_url + AS_ALICE, app_id, token, last_seq) as (moved, answer):
+            assert answer["data"]["resumed"] is True, answer
+            assert (await a.call("release", gate="g"))["ok"]  # (A still serves HTTP while it drains)
+            result = None
+            while result is None:
+                message = await moved.recv(timeout=10)
+                if message["type"] == "engine_event":
+                    events.append(message["data"]["payload"]["i"])
+                elif message["type"] == "engine_command_res":
+                    result = message
+            assert events == list(range(40))
+            assert result["data"]["result"] == {"n": 40}
+            await moved.raw.messages_until_close(20)  # A's drain ends: the app ends, the client is told
+            assert moved.raw.close_code == 1001
+        with anyio.fail_after(20):
+            await a.process.wait()
+
+
 def test_a_lost_frames_message_is_a_gap_never_silent() -> None:
     table = LinkTable()
     table.ask("l1", "A", "app", now=0.0, timeout=1.0)
