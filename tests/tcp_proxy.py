@@ -80,9 +80,10 @@ class TcpProxy:
             pass
         if pair.holed:
             return  # a black hole never tells the other side
+        with anyio.CancelScope(shield=True):  # one side ended: end the other (before the pumps are cancelled)
+            await anyio.aclose_forcefully(pair.client)
+            await anyio.aclose_forcefully(pair.server)
         tg.cancel_scope.cancel()
-        await anyio.aclose_forcefully(pair.client)
-        await anyio.aclose_forcefully(pair.server)
 
 
 @asynccontextmanager
