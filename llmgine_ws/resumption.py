@@ -59,6 +59,9 @@ class RemoteResumes(Protocol):
     def proxy_closed(self, connection: Connection) -> None:
         """A socket of this node that served another node's app is gone (that node is told)."""
 
+    def counts(self) -> dict[str, int]:
+        """``remote_links_served`` and ``remote_links_proxied`` (gauges)."""
+
 
 class LocalDirectory:
     """Apps of this node, from its hub."""
@@ -267,6 +270,12 @@ class Resumer:
         return (self.enabled and self.remote is not None and state is not None and state.resumable
                 and not connection.closing and not connection.detached and connection.link is not None
                 and not connection.link.remote and connection.proxy is None and connection.app_id in self.hosted)
+
+    def remote_counts(self) -> dict[str, int]:
+        """Remote links of this node (``remote_links_served`` / ``remote_links_proxied``), for the gauges."""
+        if self.remote is None:
+            return {"remote_links_served": 0, "remote_links_proxied": 0}
+        return self.remote.counts()
 
     def drain_remote(self) -> None:
         """The node starts draining: sockets serving apps of other nodes are sent elsewhere (1012)."""

@@ -79,6 +79,8 @@ async def test_resume_on_another_node_mid_stream(broker: Broker) -> None:
             assert answer["data"]["replayed"] == 30  # events 30..59; the engine waits at 60
             await a.eventually(lambda: not connection.detached)
             assert app_id not in b.runtime.hub and connection.link is not None and connection.link.remote
+            assert a.runtime.live_counts()["remote_links_served"] == 1
+            assert b.runtime.live_counts()["remote_links_proxied"] == 1
             gates["go"].set()  # live frames now flow from A's engine through B
             result = None
             while result is None:

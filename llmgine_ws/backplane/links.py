@@ -612,6 +612,10 @@ class RemoteResume:
                 app.link.peer_gone = True
                 self._link_lost(app, WS_GOING_AWAY, False)
 
+    def counts(self) -> dict[str, int]:
+        """See :meth:`~llmgine_ws.resumption.RemoteResumes.counts`."""
+        return {"remote_links_served": len(self.table.served), "remote_links_proxied": len(self.table.proxied)}
+
     def sweep(self, now: float) -> None:
         """Fail the asks not answered in time (called four times a heartbeat interval)."""
         self.table.overdue(now)
