@@ -19,6 +19,7 @@ import anyio
 import pytest
 
 from llmgine_ws.backplane.links import LinkTable
+from llmgine_ws.client import Reconnect, connect
 
 from .brokers import Broker
 from .cluster_support import HEARTBEAT, BrokerHandle, cluster_node, router_of, wait_visible
@@ -29,6 +30,7 @@ from .test_resume import Gates, app_of, extensions_for, peer, resumed, start_eng
 
 pytestmark = pytest.mark.anyio
 
+FAST = Reconnect(initial_delay=0.01, max_delay=0.2, max_time=10)
 AS_ALICE = "?user=alice"
 """The test nodes authenticate ``?user=NAME`` as NAME (and anyone else as a user of their own): a
 resume must come from the principal that opened the app."""
@@ -104,6 +106,29 @@ async def test_resume_on_another_node_mid_stream(broker: Broker) -> None:
             await client.raw.messages_until_close()
         await a.eventually(lambda: app_id not in a.runtime.hub)
         await a.eventually(lambda: ("disconnect", app_id) in gates.callbacks)
+
+
+async def test_the_python_client_resumes_through_another_node(broker: Broker) -> None:
+    """The real client, behind a "load balancer" that sends its reconnect to node B."""
+    async with two_nodes(broker) as (a, b, gates), tcp_proxy(a.port) as proxy, \
+            connect(proxy.ws_url() + AS_ALICE, reconnect=FAST) as client:
+        app_id = client.app_id
+        session_id = await client.create_session()
+        await client.create_engine(session_id, "test")
+        command = client.command(session_id, {"kind": "stream", "n": 80, "pause_at": 40, "gate": "go"})
+        seen = [(await command.__anext__()).seq for _ in range(20)]
+        await wait_visible(b, app_id)
+        proxy.retarget(b.port)
+        await proxy.sever()  # the client reconnects (through the proxy, to B) and resumes
+        gates["go"].set()
+        async for event in command:
+            seen.append(event.seq)
+        assert seen == list(range(80))
+        assert command.result is not None and command.result.result == {"n": 80}
+        assert client.resumed is True and client.app_id == app_id
+        connection = app_of(a, app_id)  # the app, its session and engine stay on A
+        assert connection.link is not None and connection.link.remote
+        assert (await client.request("ping")).type in ("ping_res", "pong")
 
 
 async def test_pending_request_answered_on_the_other_node(broker: Broker) -> None:
