@@ -51,7 +51,8 @@ def create_app(
     runtime = Runtime(config, Extensions() if extensions is None else extensions, hub=hub, sessions=sessions,
                       message_router=router, authenticator=authenticator)
     if isinstance(router, ClusterRouter):
-        router.bind_resume(runtime.resumer, runtime.dispatcher)  # resume across nodes (docs/resume.md)
+        router.bind_resume(runtime.resumer, runtime.dispatcher, ping_interval=config.ping_interval,
+                           missed_pongs=config.missed_pongs, encoder=runtime.encoder)  # resume across nodes
     routes: list[BaseRoute] = [
         WebSocketRoute(config.ws_path, MessageEndpoint(runtime)),
         *StatusRoutes(runtime).routes(),

@@ -11,7 +11,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -23,7 +23,7 @@ from .audit import AuditLog
 from .errors import AppDisconnected, ErrorCode, ProtocolError
 from .lifecycle import LazyEvent
 from .outbox import Outbox, OutboxClosed
-from .protocol import AnswerCheck, utcnow
+from .protocol import AnswerCheck, FrameEncoder, ServerPingData, new_message_id, utcnow
 from .replay import ResumeState
 from .security import RateLimiter, TokenBucket
 
@@ -88,8 +88,9 @@ class Link:
     def __init__(self, app: Connection) -> None:
         self.app = app
         """The app this socket serves right now."""
-        self.preamble: deque[str] = deque()
-        """Frames the writer sends before the app's outbox (a resume's ``resume_res`` and replay)."""
+        self.preamble: deque[str] | None = None
+        """Frames the writer sends before the app's outbox (a resume's ``resume_res`` and replay);
+        made by :meth:`add_preamble` (an idle socket keeps no empty deque)."""
         self.close_code: int | None = None
         self.close_reason = ""
         self.lost = False
@@ -105,6 +106,12 @@ class Link:
         self.lost = self.lost or lost
         if self.task_group is not None:
             self.task_group.cancel_scope.cancel()
+
+    def add_preamble(self, frames: Iterable[str]) -> None:
+        """Queue ``frames`` for the writer, before anything in the app's outbox."""
+        if self.preamble is None:
+            self.preamble = deque()
+        self.preamble.extend(frames)
 
 
 class PendingRequest:
@@ -190,6 +197,14 @@ _FOREVER = 10.0 ** 9
 
 class Connection:
     """Everything the server knows about one connected app."""
+
+    # Slotted: with 35 attributes an instance's __dict__ no longer shares its keys with the others
+    # (CPython shares up to 30), and each connection paid ~1.5 KB for its own (docs/performance.md).
+    __slots__ = ("_audit", "_backlog", "_backlog_bytes", "_idle", "_on_change", "_queue_bytes", "_queue_size",
+                 "_request_costs", "_send_grace", "_task_group", "app_id", "client_ip", "close_code", "close_reason",
+                 "closed", "closing", "connected_at", "detached", "flushing", "in_flight", "in_flight_bytes",
+                 "last_activity", "link", "on_link_lost", "on_overflow", "outbox", "pending", "principal", "proxy",
+                 "rate_limit_noted", "rate_limiter", "resume", "session_ids", "unanswered_pings", "user_rate_limiter")
 
     def __init__(
         self,
@@ -515,3 +530,26 @@ class Connection:
 
     def __repr__(self) -> str:
         return f"Connection({self.app_id!r})"
+
+
+async def keep_alive(link: Link, interval: float, allowed_misses: int, encoder: FrameEncoder) -> None:
+    """Ping the client of ``link`` every ``interval`` seconds; after ``allowed_misses`` unanswered pings
+    in a row the link is dropped (a resumable app is detached, the socket likely half-open; any other
+    is closed with 1011). Runs until the link stops serving its app (or is cancelled with it)."""
+    while True:
+        await anyio.sleep(interval)
+        connection = link.app
+        if connection.proxy is not None:
+            continue  # the app's own node sequences its frames (and pings): nothing from here
+        if link.remote and connection.link is not link:
+            return  # a remote link that was superseded, detached or closed
+        if len(connection.unanswered_pings) >= allowed_misses:
+            connection.drop_link(WS_INTERNAL_ERROR, "server pings unanswered", missed=len(connection.unanswered_pings))
+            return
+        message_id = new_message_id()
+        connection.unanswered_pings[message_id] = time.monotonic()
+        try:
+            await connection.send(encoder.frame("server_ping", message_id, ServerPingData(timestamp=utcnow()),
+                                                server_initiated=True))
+        except AppDisconnected:
+            return

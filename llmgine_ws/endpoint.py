@@ -26,11 +26,11 @@ from .connection import (
     DetachRequest,
     Link,
     OutboundItem,
+    keep_alive,
 )
-from .errors import AppDisconnected, ErrorCode, ProtocolError
+from .errors import ErrorCode, ProtocolError
 from .lifecycle import LazyEvent
 from .outbox import OutboxClosed
-from .protocol import ServerPingData, new_message_id, utcnow
 from .runtime import Runtime
 
 logger = logging.getLogger("llmgine_ws.endpoint")
@@ -87,7 +87,8 @@ class MessageEndpoint:
             writer_done = LazyEvent()
             tg.start_soon(self._write, link, send, writer_done)
             if runtime.config.ping_interval > 0:
-                tg.start_soon(self._keepalive, link)
+                tg.start_soon(keep_alive, link, runtime.config.ping_interval, runtime.config.missed_pongs,
+                              runtime.encoder)
             peer_gone = False
             ending: Connection | None = None
             try:
@@ -213,24 +214,3 @@ class MessageEndpoint:
             except Exception:  # the peer may vanish mid-close; cleanup goes on regardless
                 logger.debug("close frame to %s not delivered", app_id, exc_info=True)
 
-    async def _keepalive(self, link: Link) -> None:
-        interval = self.runtime.config.ping_interval
-        allowed_misses = self.runtime.config.missed_pongs
-        encoder = self.runtime.encoder
-        while True:
-            await anyio.sleep(interval)
-            connection = link.app
-            if connection.proxy is not None:
-                continue  # the app's own node sequences its frames: no ping from here (docs/resume.md)
-            if len(connection.unanswered_pings) >= allowed_misses:
-                # A resumable app is detached (the socket is likely half-open); any other is closed.
-                connection.drop_link(WS_INTERNAL_ERROR, "server pings unanswered",
-                                     missed=len(connection.unanswered_pings))
-                return
-            message_id = new_message_id()
-            connection.unanswered_pings[message_id] = time.monotonic()
-            try:
-                await connection.send(encoder.frame("server_ping", message_id, ServerPingData(timestamp=utcnow()),
-                                                    server_initiated=True))
-            except AppDisconnected:
-                return

@@ -91,7 +91,8 @@ class ResumeState:
         self.resend_ids: set[str] = set()
         """Client message_ids that were running or answered when the app last resumed: one resend of
         each is ignored (the request is never executed twice)."""
-        self._frames: deque[str] = deque()
+        self._frames: deque[str] | None = None
+        """Made on the first frame kept (after the first ``ack``): most apps never ack."""
         self._first = 1
         """The seq of ``_frames[0]``."""
         self._bytes = 0
@@ -105,7 +106,7 @@ class ResumeState:
     @property
     def buffered(self) -> int:
         """Frames kept for a replay."""
-        return len(self._frames)
+        return len(self._frames) if self._frames else 0
 
     @property
     def buffered_bytes(self) -> int:
@@ -129,6 +130,8 @@ class ResumeState:
         if self.resumable:
             size = len(stamped)
             frames = self._frames
+            if frames is None:
+                frames = self._frames = deque()
             if not frames:
                 self._first = seq
             frames.append(stamped)
@@ -151,7 +154,9 @@ class ResumeState:
             self.floor = self._first - 1
 
     def _drop_first(self) -> None:
-        size = len(self._frames.popleft())
+        frames = self._frames
+        assert frames is not None  # only called while frames are kept
+        size = len(frames.popleft())
         self._bytes -= size
         self._budget.used -= size
         self._first += 1
@@ -174,7 +179,7 @@ class ResumeState:
         """Give the buffer's bytes back to the node budget (the app ended)."""
         self._budget.used -= self._bytes
         self._bytes = 0
-        self._frames.clear()
+        self._frames = None
 
     # ------------------------------------------------------------------ requests
 
@@ -229,7 +234,7 @@ class ResumeState:
         requests answered lately become :attr:`resend_ids`.
         """
         self.ack(last_seq)
-        replay = list(self._frames)
+        replay = list(self._frames or ())
         self.token = new_token()
         self.detached_at = None
         self.epoch += 1

@@ -59,6 +59,9 @@ class RemoteResumes(Protocol):
     def proxy_closed(self, connection: Connection) -> None:
         """A socket of this node that served another node's app is gone (that node is told)."""
 
+    def counts(self) -> dict[str, int]:
+        """``remote_links_served`` and ``remote_links_proxied`` (gauges)."""
+
 
 class LocalDirectory:
     """Apps of this node, from its hub."""
@@ -95,6 +98,7 @@ class Resumer:
         self.hosted: set[str] = set()
         """Apps whose task group lives in the lifespan (only those can outlive their socket)."""
         self.detached_count = 0
+        self._detached_by_ip: dict[str | None, int] = {}
         self.remote: RemoteResumes | None = None
         """Resumes across nodes (set by a cluster router; None: only this node's apps resume)."""
         self.asking: set[str] = set()
@@ -112,6 +116,19 @@ class Resumer:
         if not self.enabled:
             return state, {}
         return state, {"resume_token": state.token, "resume_window": self.window}
+
+    def detached_from(self, client_ip: str | None) -> bool:
+        """Whether an app of ``client_ip`` is detached (its resume may then pass the per-address cap by one)."""
+        return client_ip in self._detached_by_ip
+
+    def _count_detached(self, connection: Connection, change: int) -> None:
+        self.detached_count += change
+        ip = connection.client_ip
+        remaining = self._detached_by_ip.get(ip, 0) + change
+        if remaining > 0:
+            self._detached_by_ip[ip] = remaining
+        else:
+            self._detached_by_ip.pop(ip, None)
 
     def ack(self, connection: Connection, seq: int) -> None:
         """The client acked every frame up to ``seq`` (its first ack makes the app resumable)."""
@@ -133,7 +150,7 @@ class Resumer:
             return False
         link = connection.detach_link()
         state.detach()
-        self.detached_count += 1
+        self._count_detached(connection, +1)
         if link is not None:
             link.close(code, reason, lost=True)
         connection.spawn(self._expire, connection, state.epoch)
@@ -170,7 +187,7 @@ class Resumer:
             self.remote.proxy_closed(connection)
         if connection.detached:
             connection.detached = False
-            self.detached_count -= 1
+            self._count_detached(connection, -1)
         if connection.resume is not None:
             connection.resume.release()
 
@@ -201,7 +218,7 @@ class Resumer:
         leftovers = [item for item in new.outbox.take_all() if isinstance(item, str)]
         new.link = None
         link.app = target
-        link.preamble.extend(leftovers)
+        link.add_preamble(leftovers)
         self.take_over(target, link, data.last_seq, ctx.message_id, principal=principal, client_ip=new.client_ip)
         new.outbox.close()  # the writer moves over to the resumed app: preamble, then its outbox
         new.close(WS_NORMAL, "resumed another app")  # the throwaway app is cleaned up (no close frame)
@@ -228,13 +245,12 @@ class Resumer:
             target.detach_link()
             old_link.close(WS_SUPERSEDED, "superseded")
         elif target.detached:
-            self.detached_count -= 1
+            self._count_detached(target, -1)
         token, replay = target_state.attach(last_seq, list(target.in_flight))
         answer = Unsequenced(self._encoder.frame("resume_res", message_id, ResumeResData(
             resumed=True, app_id=target.app_id, resume_token=token, replayed=len(replay),
             sessions=self._sessions(target))))
-        link.preamble.append(answer)
-        link.preamble.extend(replay)
+        link.add_preamble((answer, *replay))
         target.attach_link(link)
         for pending in list(target.pending.values()):
             target.send_soon(pending.frame)  # a reloaded page lost its dialog: ask again (same message_id)
@@ -254,6 +270,12 @@ class Resumer:
         return (self.enabled and self.remote is not None and state is not None and state.resumable
                 and not connection.closing and not connection.detached and connection.link is not None
                 and not connection.link.remote and connection.proxy is None and connection.app_id in self.hosted)
+
+    def remote_counts(self) -> dict[str, int]:
+        """Remote links of this node (``remote_links_served`` / ``remote_links_proxied``), for the gauges."""
+        if self.remote is None:
+            return {"remote_links_served": 0, "remote_links_proxied": 0}
+        return self.remote.counts()
 
     def drain_remote(self) -> None:
         """The node starts draining: sockets serving apps of other nodes are sent elsewhere (1012)."""

@@ -351,6 +351,7 @@ class Runtime:
             "detached_apps": self.resumer.detached_count,
             "resume_buffer_bytes": self.resumer.budget.used,
             "resume_buffer_evictions": self.resumer.budget.evictions,
+            **self.resumer.remote_counts(),
         }
 
     @property

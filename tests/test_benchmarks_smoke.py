@@ -97,3 +97,14 @@ def test_icount() -> None:
     # The baseline figure given: only the target's two runs under callgrind (~10 s each).
     out = run_script("icount.py", "--workloads", "ping", "--ops", "20", "--baseline-per-op", "100000", timeout=300)
     assert "instructions per operation" in out
+
+
+def test_resume(tmp_path: Path) -> None:
+    """Resume on vs off (W1 and engine streaming, from acking clients) and 20 detached apps resuming."""
+    record = tmp_path / "resume.json"
+    out = run_script("resume.py", *AB, "--concurrency", "2", "--events", "10", "--apps", "20",
+                     "--json", str(record))
+    assert "resume latency, 20 detached apps" in out
+    result = json.loads(record.read_text())
+    assert [entry["workload"] for entry in result["throughput"]] == ["ping+ack", "engine-stream+ack"]
+    assert result["latency"]["apps"] == 20

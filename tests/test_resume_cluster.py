@@ -19,6 +19,7 @@ import anyio
 import pytest
 
 from llmgine_ws.backplane.links import LinkTable
+from llmgine_ws.client import Reconnect, connect
 
 from .brokers import Broker
 from .cluster_support import HEARTBEAT, BrokerHandle, cluster_node, router_of, wait_visible
@@ -29,6 +30,7 @@ from .test_resume import Gates, app_of, extensions_for, peer, resumed, start_eng
 
 pytestmark = pytest.mark.anyio
 
+FAST = Reconnect(initial_delay=0.01, max_delay=0.2, max_time=10)
 AS_ALICE = "?user=alice"
 """The test nodes authenticate ``?user=NAME`` as NAME (and anyone else as a user of their own): a
 resume must come from the principal that opened the app."""
@@ -79,6 +81,8 @@ async def test_resume_on_another_node_mid_stream(broker: Broker) -> None:
             assert answer["data"]["replayed"] == 30  # events 30..59; the engine waits at 60
             await a.eventually(lambda: not connection.detached)
             assert app_id not in b.runtime.hub and connection.link is not None and connection.link.remote
+            assert a.runtime.live_counts()["remote_links_served"] == 1
+            assert b.runtime.live_counts()["remote_links_proxied"] == 1
             gates["go"].set()  # live frames now flow from A's engine through B
             result = None
             while result is None:
@@ -102,6 +106,29 @@ async def test_resume_on_another_node_mid_stream(broker: Broker) -> None:
             await client.raw.messages_until_close()
         await a.eventually(lambda: app_id not in a.runtime.hub)
         await a.eventually(lambda: ("disconnect", app_id) in gates.callbacks)
+
+
+async def test_the_python_client_resumes_through_another_node(broker: Broker) -> None:
+    """The real client, behind a "load balancer" that sends its reconnect to node B."""
+    async with two_nodes(broker) as (a, b, gates), tcp_proxy(a.port) as proxy, \
+            connect(proxy.ws_url() + AS_ALICE, reconnect=FAST) as client:
+        app_id = client.app_id
+        session_id = await client.create_session()
+        await client.create_engine(session_id, "test")
+        command = client.command(session_id, {"kind": "stream", "n": 80, "pause_at": 40, "gate": "go"})
+        seen = [(await command.__anext__()).seq for _ in range(20)]
+        await wait_visible(b, app_id)
+        proxy.retarget(b.port)
+        await proxy.sever()  # the client reconnects (through the proxy, to B) and resumes
+        gates["go"].set()
+        async for event in command:
+            seen.append(event.seq)
+        assert seen == list(range(80))
+        assert command.result is not None and command.result.result == {"n": 80}
+        assert client.resumed is True and client.app_id == app_id
+        connection = app_of(a, app_id)  # the app, its session and engine stay on A
+        assert connection.link is not None and connection.link.remote
+        assert (await client.request("ping")).type in ("ping_res", "pong")
 
 
 async def test_pending_request_answered_on_the_other_node(broker: Broker) -> None:
@@ -185,6 +212,29 @@ async def test_resume_elsewhere_supersedes_a_half_open_socket(broker: Broker) ->
                 assert reply["message_id"] == "p2"
 
 
+async def test_the_owner_pings_a_proxied_socket_and_notices_it_half_open(broker: Broker) -> None:
+    async with two_nodes(broker, ping_interval=0.3, missed_pongs=2) as (a, b, _gates), \
+            tcp_proxy(b.port) as proxy, peer(a.ws_url + AS_ALICE) as first:
+        await first.ack()
+        ping = await first.recv_type("server_ping")
+        await first.send("server_pong", {"timestamp": ping["data"]["timestamp"]}, ping["message_id"])
+        await first.ack_synced()
+        app_id, token, last_seq = first.app_id, first.token, first.last_seq
+        await wait_visible(b, app_id)
+        connection = app_of(a, app_id)
+        async with resumed(proxy.ws_url() + AS_ALICE, app_id, token, last_seq) as (client, answer):
+            assert answer["data"]["resumed"] is True
+            await first.raw.messages_until_close()
+            assert first.raw.close_code == 4000
+            # the owner's pings reach the client through B, in the app's seq; the answer goes back
+            ping = await client.recv_type("server_ping")
+            await client.send("server_pong", {"timestamp": ping["data"]["timestamp"]}, ping["message_id"])
+            await a.eventually(lambda: ping["message_id"] not in connection.unanswered_pings)
+            proxy.blackhole()  # B's socket is half-open now: A's pings go unanswered
+            await a.eventually(lambda: connection.detached)
+            await b.eventually(lambda: not b.runtime.resumer.remote.table.proxied)  # type: ignore[union-attr]
+
+
 async def test_rolling_restart_drains_to_the_other_node(broker: Broker) -> None:
     async with two_nodes(broker, drain_timeout=10) as (a, b, gates), peer(a.ws_url + AS_ALICE) as client:
         session_id = await start_engine(client)
@@ -263,6 +313,52 @@ async def test_owner_killed_resume_answers_within_two_heartbeats(broker: Broker)
                 assert answer["data"]["reason"] == "unknown"
                 assert answer["data"]["app_id"] != app_id
                 assert elapsed < 2 * HEARTBEAT + 0.5, elapsed  # (+ the handshake, on a busy machine)
+            await a.process.wait()
+
+
+async def test_rolling_restart_of_a_node_process(broker: Broker) -> None:
+    """SIGTERM to the node holding a conversation: the client is sent to the other node and the
+    answer goes on (the engine stays on the restarting node until the drain ends)."""
+    env = {**node_env(broker.url, "d" + uuid.uuid4().hex[:12]), "LLMGINE_API_RESUME_WINDOW": "120",
+           "LLMGINE_API_DRAIN_TIMEOUT": "20"}
+    async with node_process(env) as a, node_process(env) as b:
+        await a.wait_until("node_count", 2)
+        await b.wait_until("node_count", 2)
+        async with peer(a.ws_url + AS_ALICE) as client:
+            session_id = (await client.request("create_session", {}, "cs"))["data"]["session_id"]
+            reply = await client.request("create_engine", {"session_id": session_id, "engine_type": "gated"}, "ce")
+            assert reply["type"] == "create_engine_res", reply
+            await client.ack()
+            await client.send("engine_command", {"session_id": session_id, "command": {
+                "n": 40, "pause_at": 20, "gate": "g"}}, "cmd")
+            events = []
+            while len(events) < 20:
+                message = await client.recv()
+                if message["type"] == "engine_event":
+                    events.append(message["data"]["payload"]["i"])
+            app_id, token = client.app_id, client.token
+            await b.wait_until("is_app_connected", True, app_id=app_id)
+            os.killpg(a.process.pid, signal.SIGTERM)  # a rolling restart reaches node A
+            notice = await client.recv_type("notification", timeout=10)
+            assert notice["data"]["additional_data"]["resume"] is True
+            assert await client.raw.messages_until_close() == []
+            assert client.raw.close_code == 1012
+            last_seq = client.last_seq
+        async with resumed(b.ws_url + AS_ALICE, app_id, token, last_seq) as (moved, answer):
+            assert answer["data"]["resumed"] is True, answer
+            assert (await a.call("release", gate="g"))["ok"]  # (A still serves HTTP while it drains)
+            result = None
+            while result is None:
+                message = await moved.recv(timeout=10)
+                if message["type"] == "engine_event":
+                    events.append(message["data"]["payload"]["i"])
+                elif message["type"] == "engine_command_res":
+                    result = message
+            assert events == list(range(40))
+            assert result["data"]["result"] == {"n": 40}
+            await moved.raw.messages_until_close(20)  # A's drain ends: the app ends, the client is told
+            assert moved.raw.close_code == 1001
+        with anyio.fail_after(20):
             await a.process.wait()
 
 

@@ -27,6 +27,7 @@ from ..connection import Connection
 from ..dispatch import Dispatcher
 from ..errors import AppNotConnected, BackplaneUnavailable, MessagingError
 from ..hub import Hub
+from ..protocol import FrameEncoder
 from ..resumption import Resumer
 from ..routing import AppPresence, LocalRouter, MessageRouter, NodePresence, default_node_name, local_presence
 from ..sessions import Session, SessionStore
@@ -140,14 +141,16 @@ class ClusterRouter:
             while not predicate():
                 await self._changed.wait()
 
-    def bind_resume(self, resumer: Resumer, dispatcher: Dispatcher) -> RemoteResume:
+    def bind_resume(self, resumer: Resumer, dispatcher: Dispatcher, *, ping_interval: float = 0.0,
+                    missed_pongs: int = 2, encoder: FrameEncoder | None = None) -> RemoteResume:
         """Let apps of this node resume on other nodes and theirs here (docs/scaling.md, "Resume across
         nodes"); called once by ``create_app``."""
         remote = self._remote = RemoteResume(
             self._node_id, hub=self._hub, resumer=resumer, dispatcher=dispatcher, publish=self._publish,
             enqueue=self._enqueue, owner_of=self._presence.node_of, max_payload=lambda: self.backplane.max_payload,
             timeout=RESUME_ASK_INTERVALS * self.heartbeat_interval,
-            probe_interval=max(LINK_PROBE_INTERVALS * self.heartbeat_interval, 1.0))
+            probe_interval=max(LINK_PROBE_INTERVALS * self.heartbeat_interval, 1.0), ping_interval=ping_interval,
+            missed_pongs=missed_pongs, encoder=encoder)
         resumer.remote = remote
         return remote
 

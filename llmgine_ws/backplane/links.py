@@ -40,12 +40,13 @@ from ..connection import (
     DetachRequest,
     Link,
     Unsequenced,
+    keep_alive,
 )
 from ..dispatch import Dispatcher
 from ..errors import AppDisconnected, MessagingError
 from ..hub import Hub
 from ..outbox import OutboxClosed
-from ..protocol import ResumeData
+from ..protocol import FrameEncoder, ResumeData
 from ..replay import ResumeFailure
 from ..resumption import Resumer
 from .wire import (
@@ -309,7 +310,8 @@ class RemoteResume:
     def __init__(self, node_id: str, *, hub: Hub, resumer: Resumer, dispatcher: Dispatcher,
                  publish: Callable[[str, NodeMessage], Awaitable[None]], enqueue: Callable[[str, NodeMessage], None],
                  owner_of: Callable[[str], str | None], max_payload: Callable[[], int], timeout: float,
-                 probe_interval: float) -> None:
+                 probe_interval: float, ping_interval: float = 0.0, missed_pongs: int = 2,
+                 encoder: FrameEncoder | None = None) -> None:
         self.node_id = node_id
         self.table = LinkTable()
         self._hub = hub
@@ -321,6 +323,9 @@ class RemoteResume:
         self._max_payload = max_payload
         self.timeout = timeout
         self._probe_interval = probe_interval
+        self._ping_interval = ping_interval
+        self._missed_pongs = missed_pongs
+        self._encoder = encoder
 
     # ------------------------------------------------------------------ proxy side: asking
 
@@ -470,13 +475,15 @@ class RemoteResume:
         self.table.serve(target.app_id, message.node, message.link, link.gen)
         if not target.spawn(self._serve, target, link):
             self.table.unserve(target.app_id, link.gen)
+        elif self._ping_interval > 0 and self._encoder is not None:  # the owner pings (its seq): half-open sockets
+            target.spawn(keep_alive, link, self._ping_interval, self._missed_pongs, self._encoder)
 
     async def _serve(self, app: Connection, link: RemoteLink) -> None:
         """Publish the app's frames to the serving node until the link ends."""
         try:
             with link.scope:
-                preamble = [str(frame) for frame in link.preamble]  # (plain str: msgpack encodes no subclass)
-                link.preamble.clear()
+                preamble = [str(frame) for frame in link.preamble or ()]  # (plain str: msgpack encodes no subclass)
+                link.preamble = None
                 await self.publish(link.node, LinkOpen(node=self.node_id, link=link.link_id, app_id=app.app_id,
                                                        gen=link.gen, frames=preamble[:1]))
                 await self._send(link, preamble[1:])
@@ -604,6 +611,10 @@ class RemoteResume:
             if app is not None and isinstance(app.link, RemoteLink) and app.link.node == node:
                 app.link.peer_gone = True
                 self._link_lost(app, WS_GOING_AWAY, False)
+
+    def counts(self) -> dict[str, int]:
+        """See :meth:`~llmgine_ws.resumption.RemoteResumes.counts`."""
+        return {"remote_links_served": len(self.table.served), "remote_links_proxied": len(self.table.proxied)}
 
     def sweep(self, now: float) -> None:
         """Fail the asks not answered in time (called four times a heartbeat interval)."""
