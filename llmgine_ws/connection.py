@@ -204,7 +204,8 @@ class Connection:
                  "_request_costs", "_send_grace", "_task_group", "app_id", "client_ip", "close_code", "close_reason",
                  "closed", "closing", "connected_at", "detached", "flushing", "in_flight", "in_flight_bytes",
                  "last_activity", "link", "on_link_lost", "on_overflow", "outbox", "pending", "principal", "proxy",
-                 "rate_limit_noted", "rate_limiter", "resume", "session_ids", "unanswered_pings", "user_rate_limiter")
+                 "rate_limit_noted", "rate_limiter", "resume", "session_ids", "unanswered_pings", "user_rate_limiter",
+                 "__weakref__")  # weak references: what tracks connections (tests/test_churn.py) needs them
 
     def __init__(
         self,
