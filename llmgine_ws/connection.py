@@ -200,13 +200,44 @@ class Connection:
 
     # Slotted: with 35 attributes an instance's __dict__ no longer shares its keys with the others
     # (CPython shares up to 30), and each connection paid ~1.5 KB for its own (docs/performance.md).
-    # "__weakref__": leak checks (tests/test_churn.py) hold weak references to connections.
-    __slots__ = ("__weakref__", "_audit", "_backlog", "_backlog_bytes", "_idle", "_on_change", "_queue_bytes",
-                 "_queue_size", "_request_costs", "_send_grace", "_task_group", "app_id", "client_ip", "close_code",
-                 "close_reason", "closed", "closing", "connected_at", "detached", "flushing", "in_flight",
-                 "in_flight_bytes", "last_activity", "link", "on_link_lost", "on_overflow", "outbox", "pending",
-                 "principal", "proxy", "rate_limit_noted", "rate_limiter", "resume", "session_ids",
-                 "unanswered_pings", "user_rate_limiter")
+    __slots__ = (
+        "__weakref__",  # what tracks connections (tests/test_churn.py) holds weak references
+        "_audit",
+        "_backlog",
+        "_backlog_bytes",
+        "_idle",
+        "_on_change",
+        "_queue_bytes",
+        "_queue_size",
+        "_request_costs",
+        "_send_grace",
+        "_task_group",
+        "app_id",
+        "client_ip",
+        "close_code",
+        "close_reason",
+        "closed",
+        "closing",
+        "connected_at",
+        "detached",
+        "flushing",
+        "in_flight",
+        "in_flight_bytes",
+        "last_activity",
+        "link",
+        "on_link_lost",
+        "on_overflow",
+        "outbox",
+        "pending",
+        "principal",
+        "proxy",
+        "rate_limit_noted",
+        "rate_limiter",
+        "resume",
+        "session_ids",
+        "unanswered_pings",
+        "user_rate_limiter",
+    )  # weak references: what tracks connections (tests/test_churn.py) needs them
 
     def __init__(
         self,

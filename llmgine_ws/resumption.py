@@ -98,6 +98,7 @@ class Resumer:
         self.hosted: set[str] = set()
         """Apps whose task group lives in the lifespan (only those can outlive their socket)."""
         self.detached_count = 0
+        self._detached_by_ip: dict[str | None, int] = {}
         self.remote: RemoteResumes | None = None
         """Resumes across nodes (set by a cluster router; None: only this node's apps resume)."""
         self.asking: set[str] = set()
@@ -115,6 +116,19 @@ class Resumer:
         if not self.enabled:
             return state, {}
         return state, {"resume_token": state.token, "resume_window": self.window}
+
+    def detached_from(self, client_ip: str | None) -> bool:
+        """Whether an app of ``client_ip`` is detached (its resume may then pass the per-address cap by one)."""
+        return client_ip in self._detached_by_ip
+
+    def _count_detached(self, connection: Connection, change: int) -> None:
+        self.detached_count += change
+        ip = connection.client_ip
+        remaining = self._detached_by_ip.get(ip, 0) + change
+        if remaining > 0:
+            self._detached_by_ip[ip] = remaining
+        else:
+            self._detached_by_ip.pop(ip, None)
 
     def ack(self, connection: Connection, seq: int) -> None:
         """The client acked every frame up to ``seq`` (its first ack makes the app resumable)."""
@@ -136,7 +150,7 @@ class Resumer:
             return False
         link = connection.detach_link()
         state.detach()
-        self.detached_count += 1
+        self._count_detached(connection, +1)
         if link is not None:
             link.close(code, reason, lost=True)
         connection.spawn(self._expire, connection, state.epoch)
@@ -173,7 +187,7 @@ class Resumer:
             self.remote.proxy_closed(connection)
         if connection.detached:
             connection.detached = False
-            self.detached_count -= 1
+            self._count_detached(connection, -1)
         if connection.resume is not None:
             connection.resume.release()
 
@@ -231,7 +245,7 @@ class Resumer:
             target.detach_link()
             old_link.close(WS_SUPERSEDED, "superseded")
         elif target.detached:
-            self.detached_count -= 1
+            self._count_detached(target, -1)
         token, replay = target_state.attach(last_seq, list(target.in_flight))
         answer = Unsequenced(self._encoder.frame("resume_res", message_id, ResumeResData(
             resumed=True, app_id=target.app_id, resume_token=token, replayed=len(replay),

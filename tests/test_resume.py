@@ -514,7 +514,7 @@ def test_resume_under_trio() -> None:
 
 async def test_detached_apps_keep_their_connection_slot_and_resumes_are_counted(make_app: Callable[..., Any]
                                                                                ) -> None:
-    async with stack(make_app, max_connections_per_ip=2) as (server, proxy, _):
+    async with stack(make_app, max_connections_per_ip=1) as (server, proxy, _):
         async with peer(proxy.ws_url()) as client:
             await client.ack_synced()
             app_id, token, last_seq = client.app_id, client.token, client.last_seq
@@ -522,13 +522,13 @@ async def test_detached_apps_keep_their_connection_slot_and_resumes_are_counted(
             await proxy.sever()
             await server.eventually(lambda: connection.detached)
         assert server.runtime.connection_counter.total == 1  # a detached app cannot be farmed for free
-        async with peer(proxy.ws_url()):
-            with pytest.raises(AssertionError, match="handshake rejected"):  # 429: the detached app holds a slot
+        async with peer(proxy.ws_url()) as comeback:  # one past the cap: the address has a detached app
+            with pytest.raises(AssertionError, match="handshake rejected"):  # but only one (429)
                 async with peer(proxy.ws_url()):
                     pass
-        await server.eventually(lambda: server.runtime.connection_counter.total == 1)  # that one never acked
-        async with resumed(proxy.ws_url(), app_id, token, last_seq) as (_, answer):
-            assert answer["data"]["resumed"] is True
+            await comeback.send("resume", {"app_id": app_id, "resume_token": token, "last_seq": last_seq}, "res")
+            answer = await comeback.raw.receive_json()
+            assert answer["type"] == "resume_res" and answer["data"]["resumed"] is True
             await server.eventually(lambda: server.runtime.connection_counter.total == 1)  # the throwaway's slot
             metrics = server.runtime.metrics
             if metrics is not None:

@@ -19,6 +19,7 @@ import anyio
 import pytest
 
 from llmgine_ws.backplane.links import LinkTable
+from llmgine_ws.client import Reconnect, connect
 
 from .brokers import Broker
 from .cluster_support import HEARTBEAT, BrokerHandle, cluster_node, router_of, wait_visible
@@ -29,6 +30,7 @@ from .test_resume import Gates, app_of, extensions_for, peer, resumed, start_eng
 
 pytestmark = pytest.mark.anyio
 
+FAST = Reconnect(initial_delay=0.01, max_delay=0.2, max_time=10)
 AS_ALICE = "?user=alice"
 """The test nodes authenticate ``?user=NAME`` as NAME (and anyone else as a user of their own): a
 resume must come from the principal that opened the app."""
@@ -104,6 +106,29 @@ async def test_resume_on_another_node_mid_stream(broker: Broker) -> None:
             await client.raw.messages_until_close()
         await a.eventually(lambda: app_id not in a.runtime.hub)
         await a.eventually(lambda: ("disconnect", app_id) in gates.callbacks)
+
+
+async def test_the_python_client_resumes_through_another_node(broker: Broker) -> None:
+    """The real client, behind a "load balancer" that sends its reconnect to node B."""
+    async with two_nodes(broker) as (a, b, gates), tcp_proxy(a.port) as proxy, \
+            connect(proxy.ws_url() + AS_ALICE, reconnect=FAST) as client:
+        app_id = client.app_id
+        session_id = await client.create_session()
+        await client.create_engine(session_id, "test")
+        command = client.command(session_id, {"kind": "stream", "n": 80, "pause_at": 40, "gate": "go"})
+        seen = [(await command.__anext__()).seq for _ in range(20)]
+        await wait_visible(b, app_id)
+        proxy.retarget(b.port)
+        await proxy.sever()  # the client reconnects (through the proxy, to B) and resumes
+        gates["go"].set()
+        async for event in command:
+            seen.append(event.seq)
+        assert seen == list(range(80))
+        assert command.result is not None and command.result.result == {"n": 80}
+        assert client.resumed is True and client.app_id == app_id
+        connection = app_of(a, app_id)  # the app, its session and engine stay on A
+        assert connection.link is not None and connection.link.remote
+        assert (await client.request("ping")).type in ("ping_res", "pong")
 
 
 async def test_pending_request_answered_on_the_other_node(broker: Broker) -> None:
@@ -271,6 +296,57 @@ async def test_the_proxying_node_drains_the_client_comes_back_to_the_owner(broke
                     assert reply["message_id"] == "home"
 
 
+async def test_a_frames_message_lost_between_nodes_is_a_resume_not_a_gap() -> None:
+    """The backplane is at-most-once: a lost ``ln.out`` closes the proxied socket (1011); the client
+    resumes and the owner replays what it missed: every frame once, in order."""
+    from llmgine_ws.backplane.wire import LinkFrames, decode
+
+    broker = BrokerHandle("memory")
+    gates = Gates()
+    name = "m" + uuid.uuid4().hex[:12]
+    async with cluster_node(broker, name, extensions_for(gates), resume_window=120) as a, \
+            cluster_node(broker, name, extensions_for(gates), resume_window=120) as b:
+        await router_of(b).wait_for(lambda: len(router_of(b).nodes()) == 2, 10)
+        async with peer(a.ws_url + AS_ALICE) as first:
+            await first.ack_synced()
+            app_id, token, last_seq = first.app_id, first.token, first.last_seq
+            await wait_visible(b, app_id)
+            async with resumed(b.ws_url + AS_ALICE, app_id, token, last_seq) as (client, answer):
+                assert answer["data"]["resumed"] is True
+                await first.raw.messages_until_close()
+                backplane = router_of(a).backplane
+                publish = backplane.publish
+                dropped: list[int] = []
+
+                async def lossy(subject: str, payload: bytes) -> None:
+                    message = decode(payload)
+                    if isinstance(message, LinkFrames) and message.n == 3 and not dropped:
+                        dropped.append(message.n)  # lost in transit
+                        return
+                    await publish(subject, payload)
+
+                backplane.publish = lossy  # type: ignore[method-assign]
+                token = answer["data"]["resume_token"]
+                await client.send("blast", {"n": 1000, "pad": 100}, "burst")
+                received = await client.raw.messages_until_close()
+                assert dropped == [3] and client.raw.close_code == 1011
+                for message in received:  # what arrived before the gap: in order, no hole
+                    assert message["seq"] == client.last_seq + 1
+                    client.last_seq = message["seq"]
+        connection = app_of(a, app_id)
+        await a.eventually(lambda: connection.detached)
+        async with resumed(b.ws_url + AS_ALICE, app_id, token, client.last_seq) as (again, answer):
+            assert answer["data"]["resumed"] is True
+            noise = [m for m in received if m["type"] == "noise"]
+            while True:
+                message = await again.recv()
+                if message["type"] == "noise":
+                    noise.append(message)
+                elif message.get("message_id") == "burst":
+                    break
+            assert [m["data"]["i"] for m in noise] == list(range(1000))
+
+
 async def test_owner_killed_resume_answers_within_two_heartbeats(broker: Broker) -> None:
     env = {**node_env(broker.url, "k" + uuid.uuid4().hex[:12]), "LLMGINE_API_RESUME_WINDOW": "120"}
     async with node_process(env) as a, node_process(env) as b:
@@ -335,6 +411,33 @@ async def test_rolling_restart_of_a_node_process(broker: Broker) -> None:
             assert moved.raw.close_code == 1001
         with anyio.fail_after(20):
             await a.process.wait()
+
+
+async def test_an_item_handed_room_before_the_outbox_closes_is_not_put_twice() -> None:
+    """A producer that got room (its frame committed: stamped into the replay) just before the outbox
+    closed (a detach) must not be told to try again: its frame would take a second seq."""
+    from llmgine_ws.outbox import Outbox, OutboxClosed
+
+    committed: list[str] = []
+    outbox: Outbox[str] = Outbox(1, 1 << 20, lambda item: committed.append(item) or item)  # type: ignore[func-returns-value]
+    assert outbox.put_nowait("a", 1)
+    outcomes: list[str] = []
+
+    async def produce(item: str) -> None:
+        try:
+            await outbox.put(item, 1)
+            outcomes.append(f"{item} queued")
+        except OutboxClosed:
+            outcomes.append(f"{item} refused")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(produce, "b")
+        tg.start_soon(produce, "c")
+        await anyio.wait_all_tasks_blocked()
+        assert await outbox.get() == "a"  # "b" is handed the room (committed), "c" still waits
+        outbox.close()  # ... and the outbox closes before "b" runs again
+    assert committed == ["a", "b"]
+    assert sorted(outcomes) == ["b queued", "c refused"]
 
 
 def test_a_lost_frames_message_is_a_gap_never_silent() -> None:
