@@ -17,7 +17,8 @@ carries (absent when 1). Nothing else changes:
 - Back-pressure: a batch that finds the connection's outbox full keeps growing instead of waiting,
   so a slow client gets bigger batches and the engine never blocks on it. Batches that reached the
   byte cap wait in a per-command queue bounded like the outbox (``outbound_queue_size`` frames,
-  ``outbound_queue_bytes`` characters); a client that lets it overflow loses its socket (1013): a resumable app is detached, any other ends.
+  ``outbound_queue_bytes`` characters); a client that lets it overflow loses its socket (1013): a
+  resumable app is detached, any other ends.
 
 Three parts: :class:`TokenCoalescer` is sans-I/O (deltas and events in, encoded frames out, no clock
 and no socket); :class:`CoalescingLine` binds one to a connection; :class:`FlushScheduler` is the one
