@@ -367,6 +367,28 @@ async def test_owner_killed_resume_answers_within_two_heartbeats(broker: Broker)
             await a.process.wait()
 
 
+async def test_the_proxying_node_killed_the_owner_detaches_and_the_client_comes_back(broker: Broker) -> None:
+    env = {**node_env(broker.url, "q" + uuid.uuid4().hex[:12]), "LLMGINE_API_RESUME_WINDOW": "120"}
+    async with node_process(env) as a, node_process(env) as b:
+        await a.wait_until("node_count", 2)
+        await b.wait_until("node_count", 2)
+        async with peer(a.ws_url + AS_ALICE) as first:
+            await first.ack_synced()
+            app_id, token, last_seq = first.app_id, first.token, first.last_seq
+            await b.wait_until("is_app_connected", True, app_id=app_id)
+            async with resumed(b.ws_url + AS_ALICE, app_id, token, last_seq) as (client, answer):
+                assert answer["data"]["resumed"] is True
+                await client.ack_synced()
+                token, last_seq = answer["data"]["resume_token"], client.last_seq
+                os.killpg(b.process.pid, signal.SIGKILL)  # the node holding the socket dies
+                await client.raw.messages_until_close()
+                await a.wait_until("node_count", 1)  # A expires B, and detaches the app B served
+        async with resumed(a.ws_url + AS_ALICE, app_id, token, last_seq) as (back, answer):
+            assert answer["data"]["resumed"] is True, answer
+            assert (await back.request("ping", {}, "p"))["message_id"] == "p"
+        await b.process.wait()
+
+
 async def test_rolling_restart_of_a_node_process(broker: Broker) -> None:
     """SIGTERM to the node holding a conversation: the client is sent to the other node and the
     answer goes on (the engine stays on the restarting node until the drain ends)."""
