@@ -212,6 +212,7 @@ class Connection:
         "_request_costs",
         "_send_grace",
         "_task_group",
+        "_waiting_tasks",
         "app_id",
         "client_ip",
         "close_code",
@@ -235,6 +236,7 @@ class Connection:
         "rate_limiter",
         "resume",
         "session_ids",
+        "start_task_group",
         "unanswered_pings",
         "user_rate_limiter",
     )  # weak references: what tracks connections (tests/test_churn.py) needs them
@@ -289,6 +291,11 @@ class Connection:
         """Frames from code that must not wait, behind a full outbox (drained by one task in order)."""
         self._backlog_bytes = 0
         self._task_group: TaskGroup | None = None
+        self._waiting_tasks: list[tuple[Callable[..., Coroutine[Any, Any, Any]], tuple[Any, ...]]] | None = None
+        """Tasks spawned before the app's task group was up (they start in it, in order)."""
+        self.start_task_group: Callable[[Connection], None] | None = None
+        """Starts the app's task group on demand (the runtime sets it): most apps never run a task of
+        their own (inline handlers, no engine), so the group is made when the first task needs it."""
         self.resume: ResumeState | None = None
         """Sequence numbers and the replay buffer (None: frames take no ``seq``, e.g. in unit tests)."""
         self.link: Link | None = None
@@ -369,17 +376,38 @@ class Connection:
         self.force_close(code, reason, **details)
 
     def attach(self, task_group: TaskGroup) -> None:
-        """Bind the task group that runs this connection's writer, handlers and timers."""
+        """Bind the task group that runs this connection's handlers and timers; tasks spawned while
+        it was being started run in it now (and are cancelled at once when the app closed meanwhile)."""
         self._task_group = task_group
+        waiting, self._waiting_tasks = self._waiting_tasks, None
+        for func, args in waiting or ():
+            task_group.start_soon(func, *args)
+        if self.closing:
+            task_group.cancel_scope.cancel()
 
     def spawn(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> bool:
         """Run ``func(*args)`` in this connection's task group; False if the connection is gone.
 
-        Whatever runs here is cancelled when the connection closes, so it can never outlive it.
+        Whatever runs here is cancelled when the connection closes, so it can never outlive it. The
+        group is started by the first task that needs it (:attr:`start_task_group`).
         """
-        if self._task_group is None or self.closing:
+        if self.closing:
             return False
-        self._task_group.start_soon(func, *args)
+        task_group = self._task_group
+        if task_group is not None:
+            task_group.start_soon(func, *args)
+            return True
+        if self._waiting_tasks is not None:  # the group is starting
+            self._waiting_tasks.append((func, args))
+            return True
+        if self.start_task_group is None:
+            return False
+        self._waiting_tasks = [(func, args)]
+        try:
+            self.start_task_group(self)
+        except RuntimeError:  # nowhere to run it any more (the lifespan is over)
+            self._waiting_tasks = None
+            return False
         return True
 
     def begin_request(self, message_id: str, limit: int, cost: int = 0, byte_limit: int = 0) -> anyio.CancelScope:

@@ -8,7 +8,6 @@ so closing the app cancels all of them, while a dropped socket may leave a resum
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 
@@ -67,17 +66,13 @@ class MessageEndpoint:
             return
         link = Link(connection)
         connection.link = link
-        apps = runtime.apps_task_group
-        if apps is not None:
-            try:
-                await apps.start(functools.partial(runtime.host_app, hosted=True), connection)
-            except RuntimeError:  # the lifespan's task group is closing: serve the app from here
-                apps = None
-            else:
-                await self._serve(link, receive, send)
-                return
-        async with anyio.create_task_group() as local:
+        if runtime.adopt(connection):  # the app's task group starts with its first task, in the lifespan's
+            await self._serve(link, receive, send)
+            return
+        async with anyio.create_task_group() as local:  # no lifespan: the app ends with this socket
             await local.start(runtime.host_app, connection)
+            if runtime.extensions.connection_callbacks["connect"]:
+                connection.spawn(runtime.on_connected, connection)
             await self._serve(link, receive, send)
 
     async def _serve(self, link: Link, receive: Receive, send: Send) -> None:

@@ -156,11 +156,27 @@ class Runtime:
         """Where apps' task groups live while the lifespan runs (so an app can outlive its socket)."""
         return self._apps
 
-    async def host_app(self, connection: Connection, *, hosted: bool = False,
+    def adopt(self, connection: Connection) -> bool:
+        """Let ``connection``'s app outlive its socket: its task group will live in the lifespan's, made
+        when its first task needs it (:meth:`host_app`); False outside the lifespan."""
+        if self._apps is None:
+            return False
+        connection.start_task_group = self._start_app_task_group
+        self.resumer.hosted.add(connection.app_id)
+        if self.extensions.connection_callbacks["connect"]:  # no task for nothing to run
+            connection.spawn(self.on_connected, connection)
+        return True
+
+    def _start_app_task_group(self, connection: Connection) -> None:
+        if self._apps is None:
+            raise RuntimeError("the lifespan is over")
+        self._apps.start_soon(self.host_app, connection)
+
+    async def host_app(self, connection: Connection, *,
                        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run one app's task group (its handlers, engine workers, timers) until it is closed, then
-        clean up after it. ``hosted``: this runs in the lifespan's task group, so the app may outlive
-        its socket (resume); otherwise it runs inside the endpoint's call and ends with its socket.
+        clean up after it. Started by :meth:`adopt`'s first task in the lifespan's task group (so the
+        app may outlive its socket: resume), or by the endpoint's call (no lifespan: it ends with its socket).
 
         An app closed while it has a socket is cleaned up by that socket's endpoint (after its close
         frame, as in the seed); a detached one (window passed, buffer overflow) by this task.
@@ -168,17 +184,15 @@ class Runtime:
         try:
             async with anyio.create_task_group() as tg:
                 connection.attach(tg)
-                if hosted:
-                    self.resumer.hosted.add(connection.app_id)
                 task_status.started()
-                if self.extensions.connection_callbacks["connect"]:  # no task for nothing to run
-                    tg.start_soon(self.on_connected, connection)
                 try:
                     await anyio.sleep_forever()
                 finally:
                     connection.lose()
                     with anyio.CancelScope(shield=True):
-                        if connection.link is not None and not connection.link.remote:
+                        if connection.closed.is_set():
+                            pass  # cleaned up already (the group started as the app was closing)
+                        elif connection.link is not None and not connection.link.remote:
                             await connection.closed.wait()  # the socket's endpoint cleans up, as in the seed
                         else:
                             await self.close_connection(connection)

@@ -304,3 +304,32 @@ def test_the_blocking_messaging_api_mirrors_the_async_one() -> None:
         twin = blocking[name]
         assert list(inspect.signature(method).parameters) == list(inspect.signature(twin).parameters), name
         assert typing.get_type_hints(method) == typing.get_type_hints(twin), name
+
+
+async def test_an_app_task_group_starts_with_its_first_task() -> None:
+    """No task group until a task needs one; tasks spawned while it starts run in it, in order; an app
+    closed meanwhile gets its group cancelled at once (its tasks unwind, none outlives it)."""
+    ran: list[str] = []
+
+    async def task(name: str) -> None:
+        ran.append(name)
+        await anyio.sleep_forever()
+
+    async with anyio.create_task_group() as apps:
+        connection = make_connection("app")
+        assert connection.spawn(task, "orphan") is False  # nowhere to run: refused, not dropped silently
+        started: list[Connection] = []
+        connection.start_task_group = started.append
+        assert connection.spawn(task, "a") and connection.spawn(task, "b")
+        assert len(started) == 1  # one group, however many tasks wait for it
+        connection.attach(apps)
+        await anyio.wait_all_tasks_blocked()
+        assert ran == ["a", "b"]
+        closing = make_connection("closing")
+        closing.start_task_group = started.append
+        assert closing.spawn(task, "c")
+        closing.close(1000, "bye")
+        assert closing.spawn(task, "d") is False
+        async with anyio.create_task_group() as own:
+            closing.attach(own)  # cancelled at once: "c" ends at its first checkpoint
+        apps.cancel_scope.cancel()
