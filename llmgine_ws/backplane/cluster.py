@@ -33,9 +33,9 @@ from ..routing import AppPresence, LocalRouter, MessageRouter, NodePresence, def
 from ..sessions import Session, SessionStore
 from . import Backplane, backplane_from_url
 from .inbox import Inbox
-from .links import RemoteResume
 from .presence import AppLeft, NodeJoined, PresenceEvent, PresenceReplica
 from .publisher import Publisher
+from .remote import RemoteResume
 from .requests import ForwardedRequest, RemoteRequests
 from .wire import Deliver, Fanout, GroupOp, Hello, NodeMessage, Reply, Request, Withdraw, decode, encode
 
