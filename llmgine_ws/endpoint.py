@@ -1,4 +1,5 @@
-"""The WebSocket endpoint: one reader, one writer and a keepalive per socket (its link).
+"""The WebSocket endpoint: one reader and one writer per socket (its link), pinged by the app's one
+keepalive task (:class:`~llmgine_ws.connection.KeepAlive`).
 
 The reader decodes and dispatches each frame (:mod:`llmgine_ws.dispatch`) and never waits on a
 handler; the writer is the only task that writes to the socket. They live in the link's task group;
@@ -23,6 +24,7 @@ from .connection import (
     CloseRequest,
     Connection,
     DetachRequest,
+    KeepAlive,
     Link,
     OutboundItem,
     keep_alive,
@@ -49,9 +51,9 @@ CLOSE_FRAME_TIMEOUT = 1.0
 class MessageEndpoint:
     """The ASGI endpoint serving every WebSocket connection of one app (mounted by ``create_app``).
 
-    Each call owns one socket — its :class:`~llmgine_ws.connection.Link`: a reader, a writer and a
-    keepalive. The app the socket serves runs its own task group (handlers, engine workers) in the
-    lifespan's task group, so that a resumable app outlives its socket (docs/resume.md).
+    Each call owns one socket — its :class:`~llmgine_ws.connection.Link`: a reader and a writer
+    (the app's keepalive task pings it). The app the socket serves runs its own task group (handlers,
+    engine workers) in the lifespan's task group, so that a resumable app outlives its socket (docs/resume.md).
     """
 
     def __init__(self, runtime: Runtime) -> None:
@@ -67,7 +69,7 @@ class MessageEndpoint:
         link = Link(connection)
         connection.link = link
         if runtime.adopt(connection):  # the app's task group starts with its first task, in the lifespan's
-            await self._serve(link, receive, send)
+            await self._serve(link, receive, send, keepalive=runtime.keepalive)
             return
         async with anyio.create_task_group() as local:  # no lifespan: the app ends with this socket
             await local.start(runtime.host_app, connection)
@@ -75,13 +77,15 @@ class MessageEndpoint:
                 connection.spawn(runtime.on_connected, connection)
             await self._serve(link, receive, send)
 
-    async def _serve(self, link: Link, receive: Receive, send: Send) -> None:
+    async def _serve(self, link: Link, receive: Receive, send: Send, keepalive: KeepAlive | None = None) -> None:
         runtime = self.runtime
         async with anyio.create_task_group() as tg:
             link.task_group = tg
             writer_done = LazyEvent()
             tg.start_soon(self._write, link, send, writer_done)
-            if runtime.config.ping_interval > 0:
+            if keepalive is not None:  # the app's one pinger (in the lifespan) pings this socket too
+                keepalive.add(link)
+            elif runtime.config.ping_interval > 0:  # no lifespan: a task of this socket's own
                 tg.start_soon(keep_alive, link, runtime.config.ping_interval, runtime.config.missed_pongs,
                               runtime.encoder)
             peer_gone = False
@@ -89,6 +93,8 @@ class MessageEndpoint:
             try:
                 peer_gone = await self._read(link, receive)
             finally:
+                if keepalive is not None:
+                    keepalive.discard(link)
                 # An app that ends with this socket is cleaned up here once the close frame is out (its
                 # task group, cancelled, winds down meanwhile: user code that does not stop in time is
                 # abandoned, never holding cleanup up). A detached app is cleaned up by its own task.

@@ -20,7 +20,7 @@ from anyio.from_thread import BlockingPortal
 from .audit import AuditLog
 from .auth import Authenticator, authenticator_from_config
 from .config import APIConfig
-from .connection import WS_GOING_AWAY, WS_SERVICE_RESTART, Connection, DetachRequest
+from .connection import WS_GOING_AWAY, WS_SERVICE_RESTART, Connection, DetachRequest, KeepAlive
 from .context import Services
 from .dispatch import Dispatcher
 from .engines import EngineManager
@@ -109,6 +109,9 @@ class Runtime:
         self.dispatcher = Dispatcher([*core.specs(), *extensions.handlers.values()],
                                      self.services, audit=self.audit, metrics=self.metrics)
         extensions._bind(self.messaging)
+        self.keepalive: KeepAlive | None = (KeepAlive(config.ping_interval, config.missed_pongs, self.encoder)
+                                            if config.ping_interval > 0 else None)
+        """Pings every socket of the app from one task in the lifespan (None: ``ping_interval`` is 0)."""
         self._reaper_running = False
         self._apps: anyio.abc.TaskGroup | None = None
         """The lifespan's task group, parent of every app's task group (None outside the lifespan)."""
@@ -239,6 +242,8 @@ class Runtime:
             await tg.start(self._shut_down_on_signal)
             if self.coalescing is not None:
                 await tg.start(self.coalescing.run)
+            if self.keepalive is not None:
+                await tg.start(self.keepalive.run)
             logger.info("llmgine_ws WebSocket endpoint at %s", self.ws_url_path)
             self._apps = tg
             if self.authenticator is None:

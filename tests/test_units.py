@@ -10,9 +10,10 @@ import pytest
 from starlette.testclient import TestClient
 
 from llmgine_ws import APIConfig, AppDisconnected, AppNotConnected, Extensions, HandlerContext, create_app
-from llmgine_ws.connection import WS_TRY_AGAIN_LATER, Connection, PendingRequest
+from llmgine_ws.connection import WS_TRY_AGAIN_LATER, Connection, KeepAlive, Link, PendingRequest
 from llmgine_ws.errors import ProtocolError
 from llmgine_ws.hub import Hub
+from llmgine_ws.protocol import FrameEncoder
 from llmgine_ws.routing import LocalRouter
 from llmgine_ws.sessions import SessionStore
 
@@ -333,3 +334,26 @@ async def test_an_app_task_group_starts_with_its_first_task() -> None:
         async with anyio.create_task_group() as own:
             closing.attach(own)  # cancelled at once: "c" ends at its first checkpoint
         apps.cancel_scope.cancel()
+
+
+async def test_one_keepalive_task_pings_every_link_and_drops_the_silent_ones() -> None:
+    """The app-wide pinger: each link is pinged every interval; after ``allowed_misses`` unanswered
+    pings it is dropped (1011 for an app that cannot be detached); a discarded link is not pinged."""
+    keepalive = KeepAlive(0.01, 2, FrameEncoder())
+    dropped = anyio.Event()
+    silent = Connection("silent", queue_size=4, send_grace=0.05,
+                        on_change=lambda: dropped.set() if silent.closing else None)
+    gone = make_connection("gone")
+    links = {name: Link(connection) for name, connection in (("silent", silent), ("gone", gone))}
+    for connection, link in ((silent, links["silent"]), (gone, links["gone"])):
+        connection.link = link
+        keepalive.add(link)
+    keepalive.discard(links["gone"])
+    async with anyio.create_task_group() as tg:
+        await tg.start(keepalive.run)
+        with anyio.fail_after(5):
+            await dropped.wait()
+        tg.cancel_scope.cancel()
+    assert silent.close_code == 1011 and len(silent.unanswered_pings) == 2
+    assert '"server_ping"' in str(await silent.outbox.get())
+    assert not gone.unanswered_pings and len(keepalive) == 0
