@@ -98,29 +98,30 @@ class MessageEndpoint:
                 # An app that ends with this socket is cleaned up here once the close frame is out (its
                 # task group, cancelled, winds down meanwhile: user code that does not stop in time is
                 # abandoned, never holding cleanup up). A detached app is cleaned up by its own task.
-                with anyio.CancelScope(shield=True):
-                    app = link.app
-                    if app.link is link:
-                        if app.flushing and not peer_gone:  # the queued frames go out before the close
-                            with anyio.move_on_after(runtime.config.send_grace):
-                                await writer_done.wait()
-                        code = link.close_code if link.close_code is not None else WS_GOING_AWAY
-                        dropped = link.lost or (peer_gone and code in DROP_CODES)  # not a goodbye (1000)
-                        if app.closing or not dropped or not runtime.resumer.detach(app, code, "connection lost"):
-                            ending = app
-                            app.lose()
-                            app.close(code, link.close_reason)
+                app = link.app
+                if app.link is link:
+                    if app.flushing and not peer_gone:  # the queued frames go out before the close
+                        with anyio.CancelScope(shield=True), anyio.move_on_after(runtime.config.send_grace):
+                            await writer_done.wait()
+                    code = link.close_code if link.close_code is not None else WS_GOING_AWAY
+                    dropped = link.lost or (peer_gone and code in DROP_CODES)  # not a goodbye (1000)
+                    if app.closing or not dropped or not runtime.resumer.detach(app, code, "connection lost"):
+                        ending = app
+                        app.lose()
+                        app.close(code, link.close_reason)
                 tg.cancel_scope.cancel()
+                # One shielded scope for the rest (a cancel scope costs: this runs for every socket).
                 with anyio.CancelScope(shield=True):
-                    with anyio.move_on_after(CLOSE_FRAME_TIMEOUT):
-                        await writer_done.wait()  # the close frame must not overtake a frame being written
                     if not peer_gone:
+                        with anyio.move_on_after(CLOSE_FRAME_TIMEOUT):
+                            await writer_done.wait()  # the close frame must not overtake a frame being written
                         if ending is not None:
                             await self._send_close(ending.close_code or WS_NORMAL, ending.close_reason, send,
                                                    ending.app_id)
                         else:
                             await self._send_close(link.close_code or WS_GOING_AWAY, link.close_reason, send,
                                                    app.app_id)
+                    # (peer gone: no close frame to hold back, the writer unwinds meanwhile)
                     link.released.set()
                     if ending is not None:  # an app that ends with its socket is cleaned up here, as in the seed
                         await runtime.close_connection(ending)
