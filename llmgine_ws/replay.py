@@ -88,9 +88,9 @@ class ResumeState:
         """Frames evicted unacked (buffer full while connected)."""
         self.overflowed = False
         """Set when a frame did not fit while detached: the app must end (a later resume is ``gap``)."""
-        self.resend_ids: set[str] = set()
+        self.resend_ids: set[str] | None = None
         """Client message_ids that were running or answered when the app last resumed: one resend of
-        each is ignored (the request is never executed twice)."""
+        each is ignored (the request is never executed twice). None until a resume (most apps never do)."""
         self._frames: deque[str] | None = None
         """Made on the first frame kept (after the first ``ack``): most apps never ack."""
         self._first = 1
@@ -98,7 +98,8 @@ class ResumeState:
         self._bytes = 0
         self._max_bytes = max_bytes
         self._budget = budget
-        self._completed: OrderedDict[str, None] = OrderedDict()
+        self._completed: OrderedDict[str, None] | None = None
+        """Client requests answered lately (made once the app is resumable)."""
         self._dedupe_entries = dedupe_entries
 
     # ------------------------------------------------------------------ frames
@@ -188,6 +189,8 @@ class ResumeState:
         if not self.resumable:
             return
         table = self._completed
+        if table is None:
+            table = self._completed = OrderedDict()
         table[message_id] = None
         table.move_to_end(message_id)
         if len(table) > self._dedupe_entries:
@@ -196,7 +199,7 @@ class ResumeState:
     def is_resend(self, message_id: str) -> bool:
         """Whether a request is the first resend of one received before the last resume (then it is
         not run: it is running and will be answered, or its answer is in the replay)."""
-        if message_id in self.resend_ids:
+        if self.resend_ids is not None and message_id in self.resend_ids:
             self.resend_ids.discard(message_id)
             return True
         return False
@@ -238,8 +241,8 @@ class ResumeState:
         self.token = new_token()
         self.detached_at = None
         self.epoch += 1
-        self.resend_ids = set(in_flight) | set(self._completed)
-        self._completed.clear()
+        self.resend_ids = set(in_flight) | set(self._completed or ())
+        self._completed = None
         return self.token, replay
 
 
