@@ -74,6 +74,21 @@ class Proxy(Protocol):
         """Send one client frame to the app's node (waits while the backplane is busy)."""
 
 
+class Cancellable(Protocol):
+    """Something that can be cancelled (a cancel scope)."""
+
+    def cancel(self) -> None:
+        """Cancel it."""
+
+
+class LinkTasks(Protocol):
+    """What runs a socket's reader and writer: a task group, or the endpoint's leaner equivalent."""
+
+    @property
+    def cancel_scope(self) -> Cancellable:
+        """Cancelling it stops the reader and the writer."""
+
+
 class Link:
     """One socket serving an app: what the endpoint's reader and writer share.
 
@@ -98,7 +113,7 @@ class Link:
         """The link failed (unanswered pings, a stalled or failed write): a drop, not a goodbye."""
         self.released = LazyEvent()
         """Set once the endpoint is done with the socket (its close frame sent)."""
-        self.task_group: TaskGroup | None = None
+        self.task_group: LinkTasks | None = None
 
     def close(self, code: int, reason: str, *, lost: bool = False) -> None:
         """Stop this socket's reader and writer (the endpoint then sends the close frame)."""

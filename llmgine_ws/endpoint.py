@@ -9,8 +9,12 @@ so closing the app cancels all of them, while a dropped socket may leave a resum
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Callable, Coroutine
+from types import TracebackType
+from typing import Any
 
 import anyio
 from starlette.types import Message, Receive, Scope, Send
@@ -26,6 +30,7 @@ from .connection import (
     DetachRequest,
     KeepAlive,
     Link,
+    LinkTasks,
     OutboundItem,
     keep_alive,
 )
@@ -79,7 +84,8 @@ class MessageEndpoint:
 
     async def _serve(self, link: Link, receive: Receive, send: Send, keepalive: KeepAlive | None = None) -> None:
         runtime = self.runtime
-        async with anyio.create_task_group() as tg:
+        tg: LinkTasks
+        async with (_WriterTask() if asyncio._get_running_loop() is not None else anyio.create_task_group()) as tg:
             link.task_group = tg
             writer_done = LazyEvent()
             tg.start_soon(self._write, link, send, writer_done)
@@ -216,3 +222,54 @@ class MessageEndpoint:
             except Exception:  # the peer may vanish mid-close; cleanup goes on regardless
                 logger.debug("close frame to %s not delivered", app_id, exc_info=True)
 
+
+class _WriterTask:
+    """A socket's task group on asyncio: its one child (the writer) is a bare task of the endpoint's
+    call, and the reader runs under one cancel scope.
+
+    Like a task group (same parent, same end: :meth:`__aexit__` waits for the writer, cancelling it
+    first if the body failed; :attr:`cancel_scope` cancels the reader and the writer), but without
+    anyio's per-task handle, event and bookkeeping, which were the biggest part of a connection's own
+    set-up cost (docs/performance.md). Trio gets anyio's task group.
+    """
+
+    __slots__ = ("_scope", "_task")
+
+    def __init__(self) -> None:
+        self._scope = anyio.CancelScope()
+        self._task: asyncio.Task[Any] | None = None
+
+    @property
+    def cancel_scope(self) -> _WriterTask:
+        """Cancelling it (:meth:`cancel`) stops the reader and the writer."""
+        return self
+
+    def cancel(self) -> None:
+        """Cancel the reader (this scope) and the writer."""
+        self._scope.cancel()
+        if self._task is not None:
+            self._task.cancel()
+
+    def start_soon(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+        """Start the writer (the only task this group runs)."""
+        assert self._task is None
+        self._task = asyncio.get_running_loop().create_task(func(*args))
+
+    async def __aenter__(self) -> _WriterTask:
+        self._scope.__enter__()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> bool:
+        task = self._task
+        try:
+            if task is not None and not task.done():
+                if exc_type is not None:
+                    task.cancel()
+                with anyio.CancelScope(shield=True):
+                    await asyncio.wait((task,))
+        finally:
+            suppressed = self._scope.__exit__(exc_type, exc, tb)
+        if task is not None and not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]  # (the writer handles every Exception itself)
+        return bool(suppressed)

@@ -11,6 +11,7 @@ from starlette.testclient import TestClient
 
 from llmgine_ws import APIConfig, AppDisconnected, AppNotConnected, Extensions, HandlerContext, create_app
 from llmgine_ws.connection import WS_TRY_AGAIN_LATER, Connection, KeepAlive, Link, PendingRequest
+from llmgine_ws.endpoint import _WriterTask
 from llmgine_ws.errors import ProtocolError
 from llmgine_ws.hub import Hub
 from llmgine_ws.protocol import FrameEncoder
@@ -357,3 +358,32 @@ async def test_one_keepalive_task_pings_every_link_and_drops_the_silent_ones() -
     assert silent.close_code == 1011 and len(silent.unanswered_pings) == 2
     assert '"server_ping"' in str(await silent.outbox.get())
     assert not gone.unanswered_pings and len(keepalive) == 0
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_asyncio_link_task_group_keeps_a_task_groups_rules(anyio_backend: str) -> None:
+    """The endpoint's lean task group on asyncio: cancelling it stops the body and the writer; on
+    exit it waits for the writer (cancelled first when the body failed); nothing outlives it."""
+    ended: list[str] = []
+
+    async def writer() -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            ended.append("writer")
+
+    async with _WriterTask() as tasks:
+        tasks.start_soon(writer)
+        await anyio.wait_all_tasks_blocked()
+        tasks.cancel_scope.cancel()
+        await anyio.sleep_forever()  # cancelled by the scope, like a task group's host
+    assert ended == ["writer"]
+    async def failing_body() -> None:
+        async with _WriterTask() as tasks:
+            tasks.start_soon(writer)
+            await anyio.wait_all_tasks_blocked()
+            raise ZeroDivisionError
+
+    with pytest.raises(ZeroDivisionError):
+        await failing_body()
+    assert ended == ["writer", "writer"]
