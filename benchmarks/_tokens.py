@@ -17,7 +17,9 @@ provider's stream does. ``benchmarks/llm_answers.py`` measures the source alone 
 from __future__ import annotations
 
 import asyncio
+import gc
 import heapq
+import os
 import random
 import time
 from collections.abc import AsyncIterator
@@ -31,6 +33,17 @@ ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 WRAP = len(ALPHABET) ** 3
 _DIGIT = {ch: i for i, ch in enumerate(ALPHABET)}
 _PADS = ("", "_", "__")
+
+
+GC_THRESHOLD_ENV = "W6_GC_THRESHOLD"
+"""Set by ``llm_answers.py --gc-threshold``: the same garbage-collector setting for every side."""
+
+
+def tune_gc() -> None:
+    """Apply ``W6_GC_THRESHOLD`` (the collector's generation-0 threshold; Python's default is 700)."""
+    value = os.environ.get(GC_THRESHOLD_ENV)
+    if value:
+        gc.set_threshold(int(value), 10, 10)
 
 
 def stamp(ms: int) -> str:

@@ -16,9 +16,10 @@ from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from benchmarks._tokens import TokenSource
+from benchmarks._tokens import TokenSource, tune_gc
 
 SOURCE = TokenSource()
+tune_gc()
 
 
 class Incoming(msgspec.Struct):

@@ -99,6 +99,11 @@ class Side:
 
     async def post(self, path: str, body: Any, timeout: float = 30.0) -> Any:
         """A minimal HTTP/1.1 POST on a kept-alive connection (no client library in the timed path)."""
+        if self.http is not None and (self.http[0].at_eof() or self.http[1].is_closing()):
+            # uvicorn closes a kept-alive connection idle for 5 s: on a busy machine that happens
+            # between two broadcasts, and a request written to it is never answered.
+            self.http[1].close()
+            self.http = None
         if self.http is None:
             assert self.server.port is not None
             self.http = await asyncio.open_connection(HOST, self.server.port)
@@ -143,6 +148,10 @@ async def broadcast_once(side: Side, seq: int, pad: int, timeout: float) -> tupl
     started = time.perf_counter()
     request = asyncio.ensure_future(side.post("/broadcast", {"seq": seq, "pad": pad}, timeout=timeout))
     try:
+        # The request failing (e.g. its connection closed under it) ends the wait too: it raises below.
+        await asyncio.wait_for(asyncio.wait({record.done, request}, return_when=asyncio.FIRST_EXCEPTION), timeout)
+        if request.done() and request.exception() is not None:
+            raise RuntimeError(f"{side.name}: POST /broadcast failed: {request.exception()!r}")
         await asyncio.wait_for(asyncio.shield(record.done), timeout)
     except TimeoutError:
         request.cancel()

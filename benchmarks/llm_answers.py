@@ -54,7 +54,7 @@ from benchmarks._harness import _versions, cpu_split
 from benchmarks._loadgen import loop_factory
 from benchmarks._rawws import raise_fd_limit, text_frame
 from benchmarks._server import ServerProcess, UvicornSettings
-from benchmarks._tokens import BURST, INTERVAL, WRAP, unstamp
+from benchmarks._tokens import BURST, GC_THRESHOLD_ENV, INTERVAL, WRAP, unstamp
 
 HOST = "127.0.0.1"
 PATH = "/api/ws"
@@ -373,7 +373,8 @@ def format_table(summary: dict[int, dict[str, dict[str, Any]]], args: argparse.N
         f"W6 concurrent LLM answers: {args.seconds:g} s answers, {BURST} tokens every {INTERVAL * 1000:.0f} ms "
         f"(50 tokens/s), median of {args.reps} rep(s); holds = median p99 < {args.threshold_ms:g} ms and no "
         "lost token",
-        f"  server pinned to one CPU ({'yes' if not args.no_pin else 'no'}), load generator on the others; "
+        f"  garbage collector threshold {args.gc_threshold or 'default (700)'}; "
+        f"server pinned to one CPU ({'yes' if not args.no_pin else 'no'}), load generator on the others; "
         "CPU = % of one core over the streaming window (other = the rest of the machine, max)",
         "",
         *("  ".join(c.rjust(w) if i not in (1,) else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths,
@@ -437,12 +438,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ws", default="auto")
     parser.add_argument("--loop", default="auto")
     parser.add_argument("--http", default="auto")
+    parser.add_argument("--gc-threshold", type=int, default=None,
+                        help="every server's garbage-collector generation-0 threshold (Python's default: 700)")
     parser.add_argument("--json", type=Path, default=None)
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.gc_threshold is not None:
+        os.environ[GC_THRESHOLD_ENV] = str(args.gc_threshold)  # inherited by every server process
     factory = loop_factory(args.client_loop)
     with asyncio.Runner(loop_factory=factory) as runner:
         result = runner.run(sweep(args))

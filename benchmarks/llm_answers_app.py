@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks._tokens import TokenSource
+from benchmarks._tokens import TokenSource, tune_gc
 from llmgine_ws import APIConfig, EngineContext, Extensions, Session, create_app
 
 SOURCE = TokenSource()
+tune_gc()
 
 # Thousands of sessions from one address, no rate limit or pings: this measures streaming.
 LIMITS: dict[str, Any] = {
@@ -56,3 +57,4 @@ def _app(**overrides: Any) -> Any:
 
 app = _app()
 per_token_app = _app(engine_event_coalesce_ms=0)
+

@@ -6,7 +6,8 @@ closes). Each carries ``event`` plus fields such as ``app_id``, ``user_id``, ``m
 any handler or JSON formatter can pick them up. Payloads and credentials are never recorded.
 
 Every app has its own :class:`AuditLog`; an observer (the app's metrics, when it has them) sees
-every event too.
+every event recorded. A hot path may skip a record nobody writes (:meth:`AuditLog.logs`) and tell the
+observer only what it counts (:meth:`AuditLog.observe`): a server request's final outcome.
 """
 
 from __future__ import annotations
@@ -47,6 +48,15 @@ class AuditLog:
                 raise ValueError(f"audit fields {sorted(clash)} clash with LogRecord attributes")
             shown = " ".join(f"{key}={_shown(value)}" for key, value in fields.items() if value is not None)
             logger.log(level, "%s %s", event, shown, extra={"event": event, "audit": fields, **fields})
+        if self._observer is not None:
+            self._observer(event, fields)
+
+    def logs(self, level: int = logging.INFO) -> bool:
+        """Whether records of ``level`` are written (hot paths skip building records nobody logs)."""
+        return logger.isEnabledFor(level)
+
+    def observe(self, event: str, fields: Mapping[str, Any]) -> None:
+        """Tell the observer only: for a hot path's event that :meth:`logs` says is not written."""
         if self._observer is not None:
             self._observer(event, fields)
 

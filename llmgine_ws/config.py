@@ -123,6 +123,18 @@ class APIConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields
     callback_timeout: float = 10.0
     """Deadline for each connection/session callback (seconds); a slow one is abandoned and logged."""
 
+    resume_window: float = 120.0
+    """Seconds an app whose socket dropped stays resumable (sessions, engines, pending questions kept;
+    frames buffered) — only for clients that ``ack``; see docs/resume.md. 0 turns resume off."""
+    resume_buffer_bytes: int = 1024 * 1024
+    """Replay buffer of one resumable app (characters of unacked frames). Past it, while connected, the
+    oldest frames are evicted (a resume from before them is ``gap``); while detached the app ends."""
+    resume_node_buffer_bytes: int = 256 * 1024 * 1024
+    """Replay buffers of all the apps of this node together, bounded like ``resume_buffer_bytes``."""
+    resume_dedupe_entries: int = 1024
+    """Answered client requests one resumable app remembers, so that one resent after a resume is not
+    executed again."""
+
     drain_timeout: float = 10.0
     """On shutdown, how long running handlers and engine commands may take to finish (seconds)."""
     shutdown_timeout: float = 10.0
@@ -202,7 +214,8 @@ class APIConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields
                      "max_inflight_requests",
                      "max_message_size", "max_pending_requests", "max_connections", "max_connections_per_ip",
                      "max_sessions_per_connection", "engine_event_coalesce_bytes", "rate_burst",
-                     "max_header_bytes", "rate_limit_strikes", "broadcast_burst"):
+                     "max_header_bytes", "rate_limit_strikes", "broadcast_burst", "resume_buffer_bytes",
+                     "resume_node_buffer_bytes", "resume_dedupe_entries"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
         if self.port > 65535:
@@ -222,6 +235,8 @@ class APIConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields
                 ipaddress.ip_network(proxy, strict=False)
             except ValueError:
                 raise ValueError(f"trusted_proxies: {proxy!r} is not an IP address or network") from None
+        if self.resume_window < 0:
+            raise ValueError("resume_window must be >= 0 (0 turns resume off)")
         if not 0 <= self.engine_event_coalesce_ms <= 60_000:
             raise ValueError("engine_event_coalesce_ms must be between 0 (off) and 60000")
         if self.ping_interval < 0:

@@ -24,6 +24,7 @@ from .errors import AppDisconnected, ErrorCode, ProtocolError
 from .lifecycle import LazyEvent
 from .outbox import Outbox, OutboxClosed
 from .protocol import AnswerCheck, utcnow
+from .replay import ResumeState
 from .security import RateLimiter, TokenBucket
 
 logger = logging.getLogger("llmgine_ws.connection")
@@ -34,6 +35,14 @@ WS_POLICY_VIOLATION = 1008
 WS_MESSAGE_TOO_BIG = 1009
 WS_INTERNAL_ERROR = 1011
 WS_TRY_AGAIN_LATER = 1013
+WS_SUPERSEDED = 4000
+"""Closes a socket whose app was resumed on a newer one (the half-open case)."""
+
+
+class Unsequenced(str):
+    """A frame that takes no ``seq`` (``resume_res``): queued like any other, never stamped."""
+
+    __slots__ = ()
 
 
 class CloseRequest:
@@ -49,6 +58,37 @@ class CloseRequest:
 OutboundItem = str | CloseRequest
 
 
+class Link:
+    """One socket serving an app: what the endpoint's reader and writer share.
+
+    The app (:class:`Connection`) outlives its links when it is resumable: a drop detaches it, a
+    ``resume`` on a new socket moves that socket's link over to it (:attr:`app` changes).
+    """
+
+    __slots__ = ("app", "close_code", "close_reason", "lost", "preamble", "released", "task_group")
+
+    def __init__(self, app: Connection) -> None:
+        self.app = app
+        """The app this socket serves right now."""
+        self.preamble: deque[str] = deque()
+        """Frames the writer sends before the app's outbox (a resume's ``resume_res`` and replay)."""
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.lost = False
+        """The link failed (unanswered pings, a stalled or failed write): a drop, not a goodbye."""
+        self.released = LazyEvent()
+        """Set once the endpoint is done with the socket (its close frame sent)."""
+        self.task_group: TaskGroup | None = None
+
+    def close(self, code: int, reason: str, *, lost: bool = False) -> None:
+        """Stop this socket's reader and writer (the endpoint then sends the close frame)."""
+        if self.close_code is None:
+            self.close_code, self.close_reason = code, reason
+        self.lost = self.lost or lost
+        if self.task_group is not None:
+            self.task_group.cancel_scope.cancel()
+
+
 class PendingRequest:
     """A server request waiting for the client's ``server_response``.
 
@@ -59,11 +99,14 @@ class PendingRequest:
     ``TimeoutError``.
     """
 
-    __slots__ = ("_done", "_error", "_future", "_response", "_settled", "app_id", "check", "message_id", "refused")
+    __slots__ = ("_done", "_error", "_future", "_response", "_settled", "app_id", "check", "frame", "message_id",
+                 "refused")
 
-    def __init__(self, app_id: str, message_id: str, check: AnswerCheck | None = None) -> None:
+    def __init__(self, app_id: str, message_id: str, check: AnswerCheck | None = None, *, frame: str = "") -> None:
         self.app_id = app_id
         self.message_id = message_id
+        self.frame = frame
+        """The request as sent (sent again after a resume)."""
         self.check = check
         """Why an answer does not fit the question (it is then refused and the question stays open)."""
         self.refused = False
@@ -180,12 +223,81 @@ class Connection:
         """Frames from code that must not wait, behind a full outbox (drained by one task in order)."""
         self._backlog_bytes = 0
         self._task_group: TaskGroup | None = None
+        self.resume: ResumeState | None = None
+        """Sequence numbers and the replay buffer (None: frames take no ``seq``, e.g. in unit tests)."""
+        self.link: Link | None = None
+        """The socket serving this app; None while detached (or outside an endpoint)."""
+        self.detached = False
+        """The app's socket dropped and it waits for a ``resume`` (frames go to the replay buffer)."""
+        self.on_link_lost: Callable[[Connection, int, str], bool] | None = None
+        """Detaches a resumable app whose link failed (True if it did); set by the resume coordinator."""
+        self.on_overflow: Callable[[Connection], None] | None = None
+        """Ends a detached app whose replay buffer overflowed; set by the resume coordinator."""
 
     @property
     def user_id(self) -> str | None:
         """The authenticated user's id, if the connection has a principal."""
         user_id = getattr(self.principal, "user_id", None)
         return user_id if isinstance(user_id, str) else None
+
+    def enable_sequencing(self, state: ResumeState) -> None:
+        """Stamp every frame queued from now on with ``seq`` (after ``connected``, which takes none)."""
+        self.resume = state
+        self.outbox.set_commit(self._commit)
+
+    def _new_outbox(self) -> Outbox[OutboundItem]:
+        return Outbox(self._queue_size, self._queue_bytes, self._commit if self.resume is not None else None)
+
+    def _commit(self, item: OutboundItem) -> OutboundItem:
+        """The outbox's commit hook: a frame entering the queue takes its ``seq`` (kept for a replay)."""
+        if type(item) is str:
+            assert self.resume is not None
+            return self.resume.stamp(item)
+        return item
+
+    def _buffer(self, frame: str) -> bool:
+        """While detached: stamp the frame into the replay buffer; False (and the app ends) past its bounds."""
+        resume = self.resume
+        assert resume is not None
+        if type(frame) is str:
+            resume.stamp(frame)
+        if resume.overflowed:
+            if self.on_overflow is not None:
+                self.on_overflow(self)
+            else:
+                self.close(WS_GOING_AWAY, "resume buffer overflow")
+            return False
+        return True
+
+    def detach_link(self) -> Link | None:
+        """Forget the socket: frames go to the replay buffer from now on; returns the old link.
+
+        Frames queued but not yet written are in the replay buffer already (they were stamped when
+        queued); producers waiting for room try again and land in the buffer.
+        """
+        link, self.link = self.link, None
+        self.detached = True
+        outbox, self.outbox = self.outbox, self._new_outbox()
+        outbox.close()
+        self.changed()
+        return link
+
+    def attach_link(self, link: Link) -> None:
+        """Serve this app on ``link`` (a resume): frames go to a fresh outbox, written after the replay."""
+        self.link = link
+        self.detached = False
+        self.unanswered_pings.clear()
+        self.changed()
+
+    def drop_link(self, code: int, reason: str, **details: Any) -> None:
+        """The socket failed (stalled, pings unanswered, write error): a resumable app is detached;
+        any other is closed as before (``force_close``)."""
+        if self.closing:
+            return
+        link = self.link
+        if link is not None and self.on_link_lost is not None and self.on_link_lost(self, code, reason):
+            return
+        self.force_close(code, reason, **details)
 
     def attach(self, task_group: TaskGroup) -> None:
         """Bind the task group that runs this connection's writer, handlers and timers."""
@@ -232,6 +344,8 @@ class Connection:
         if self.in_flight.get(message_id) is scope:
             del self.in_flight[message_id]
             self.in_flight_bytes -= self._request_costs.pop(message_id, 0)
+            if self.resume is not None:
+                self.resume.completed(message_id)
             self.changed()
         if not self.in_flight and self._idle is not None:
             self._idle.set()
@@ -247,6 +361,8 @@ class Connection:
     def send_nowait(self, frame: str) -> bool:
         """Queue a frame without waiting; False if the queue is full or the connection is closing."""
         # Not past a backlog: what waits there was queued first.
+        if self.detached and not self.closing and self._backlog is None:
+            return self._buffer(frame)
         return not self.closing and self._backlog is None and self.outbox.put_nowait(frame, len(frame))
 
     async def send(self, frame: str) -> None:
@@ -255,23 +371,30 @@ class Connection:
         A client that stays too slow past the grace period is disconnected (1013) rather than
         allowed to lose frames silently. Raises :class:`AppDisconnected` if the frame cannot be queued.
         """
-        if self.closing:
-            # The connection's tasks are being cancelled: let a cancellation still on its way land
-            # first, so the sender unwinds as cancelled rather than failed.
-            await anyio.lowlevel.checkpoint()
-            raise AppDisconnected(self.app_id)
         size = len(frame)
-        if self.outbox.put_nowait(frame, size):
-            return
-        self.changed()  # a producer is about to wait for room
-        with anyio.move_on_after(self._send_grace):
-            try:
-                await self.outbox.put(frame, size)
+        while True:
+            if self.closing:
+                # The connection's tasks are being cancelled: let a cancellation still on its way land
+                # first, so the sender unwinds as cancelled rather than failed.
+                await anyio.lowlevel.checkpoint()
+                raise AppDisconnected(self.app_id)
+            if self.detached:
+                if self._buffer(frame):
+                    return
+                raise AppDisconnected(self.app_id)
+            outbox = self.outbox
+            if outbox.put_nowait(frame, size):
                 return
-            except OutboxClosed:
-                raise AppDisconnected(self.app_id) from None
-        self.force_close(WS_TRY_AGAIN_LATER, "outbound queue full", grace=self._send_grace)
-        raise AppDisconnected(self.app_id)
+            self.changed()  # a producer is about to wait for room
+            with anyio.move_on_after(self._send_grace):
+                try:
+                    await outbox.put(frame, size)
+                    return
+                except OutboxClosed:
+                    if self.closing or self.resume is None:
+                        raise AppDisconnected(self.app_id) from None
+                    continue  # the socket changed (detached or resumed): try again there
+            self.drop_link(WS_TRY_AGAIN_LATER, "outbound queue full", grace=self._send_grace)
 
     def send_soon(self, frame: str) -> bool:
         """Queue a frame from code that must not wait (the reader, a broadcast, a backplane inbox).
@@ -294,10 +417,12 @@ class Connection:
                 self._backlog = None
                 return False
         size = len(frame)
-        if backlog and (len(backlog) >= self._queue_size or self._backlog_bytes + size > self._queue_bytes):
-            self.force_close(WS_TRY_AGAIN_LATER, "outbound queue full", backlog=len(backlog),
-                             backlog_bytes=self._backlog_bytes)
-            return False
+        if backlog and not self.detached and (len(backlog) >= self._queue_size
+                                              or self._backlog_bytes + size > self._queue_bytes):
+            self.drop_link(WS_TRY_AGAIN_LATER, "outbound queue full", backlog=len(backlog),
+                           backlog_bytes=self._backlog_bytes)
+            if self.closing:
+                return False
         backlog.append(frame)
         self._backlog_bytes += size
         return True
@@ -321,11 +446,13 @@ class Connection:
         """
         if self.close_code is None:
             self.close_code, self.close_reason = code, reason
-        if flush and not self.closing and self.outbox.put_nowait(CloseRequest(code, reason)):
+        if flush and not self.closing and not self.detached and self.outbox.put_nowait(CloseRequest(code, reason)):
             self.closing = self.flushing = True
             return
         self.closing = True
         self.changed()
+        if self.link is not None:
+            self.link.close(code, reason)
         if self._task_group is not None:
             self._task_group.cancel_scope.cancel()
 

@@ -38,6 +38,18 @@ def decoded_size_estimate(text: str) -> int:
     return size + 48 * (text.count("[") + text.count("{") + text.count(","))
 
 
+def _fresh_ack(connection: Connection, message: Any) -> bool:
+    """Whether ``message`` is an ``ack`` of frames not acked yet (or the first, opting in): free under the
+    rate limit, like an answer, since there can be no more of them than frames the server sent."""
+    resume = connection.resume
+    seq = getattr(message.data, "seq", None)
+    if resume is None or not isinstance(seq, int) or isinstance(message.data, dict):
+        return False
+    return not resume.ack_seen or (resume.resumable and resume.acked < seq <= resume.seq)
+
+QUEUED_INLINE = frozenset({"engine_command"})
+"""Inline handlers whose requests are queued and held in flight (and so charged to the byte budget)."""
+
 ALLOWED_WHILE_DRAINING = frozenset(name for name, spec in CORE_CLIENT_MESSAGES.items() if spec.while_draining)
 """What a draining server still answers: what lets running work finish, and harmless reads."""
 
@@ -67,6 +79,8 @@ class Dispatcher:
 
     def dispatch(self, connection: Connection, text: str) -> None:
         """Handle one text frame from ``connection``. Never blocks, never raises."""
+        if len(text) >= 4096 and connection.in_flight and self._refused_undecoded(connection, text):
+            return
         try:
             message: Any = self.decoder.decode(text)
         except (msgspec.DecodeError, RecursionError) as exc:
@@ -76,12 +90,16 @@ class Dispatcher:
             return
         spec = self._table[type(message)]
         message_id: str = message.message_id
-        if spec.message_type in ANSWERS and connection.awaits_answer(message_id):
-            pass  # an answer to the server's own request: the server bounds how many it asks
+        if spec.message_type in ANSWERS and (connection.awaits_answer(message_id) or _fresh_ack(connection, message)):
+            pass  # an answer to the server's own request (or an ack of new frames): the server bounds how many
         elif not self.within_rate_limit(connection, message_id):
             return
         if self._metrics is not None:
             self._metrics.message_in(spec.message_type)
+        resume = connection.resume
+        if resume is not None and resume.resend_ids and spec.message_type not in ANSWERS \
+                and resume.is_resend(message_id):
+            return  # resent after a resume: it is running (answered once, when done) or its answer was replayed
         if not self._lifecycle.accepting and spec.message_type not in ALLOWED_WHILE_DRAINING:
             connection.send_soon(self._encoder.error(message_id, ProtocolError(
                 ErrorCode.SHUTTING_DOWN, "the server is shutting down; reconnect shortly",
@@ -106,6 +124,31 @@ class Dispatcher:
                 return
         if not connection.spawn(self._run, spec, message.data, ctx, scope, connection.last_activity):
             connection.end_request(message_id, scope)
+
+    def _refused_undecoded(self, connection: Connection, text: str) -> bool:
+        """Refuse a large request the connection's in-flight byte budget cannot take, *before* decoding
+        it: a 1 MiB ``[[],[],…]`` takes ~70 ms to decode and ~25 MiB once decoded, only to be refused.
+        Reads just the envelope (type, message_id); False (the caller decodes as usual) for anything else.
+        """
+        cost = decoded_size_estimate(text)
+        if connection.in_flight_bytes + cost <= self._max_inflight_bytes:
+            return False
+        envelope = self.decoder.envelope(text)
+        if envelope is None:
+            return False
+        message_type, message_id = envelope
+        spec = self.specs.get(message_type)
+        if spec is None or (spec.inline and message_type not in QUEUED_INLINE) or message_id in connection.in_flight:
+            return False
+        if spec.message_type in ANSWERS and connection.awaits_answer(message_id):
+            return False
+        if self.within_rate_limit(connection, message_id):
+            connection.send_soon(self._encoder.error(message_id, ProtocolError(
+                ErrorCode.TOO_MANY_REQUESTS, "the requests in flight on this connection hold too much data: wait "
+                "for answers before sending more", {"limit_bytes": self._max_inflight_bytes,
+                                                    "in_flight_bytes": connection.in_flight_bytes,
+                                                    "request_bytes": cost})))
+        return True
 
     def within_rate_limit(self, connection: Connection, message_id: str | None) -> bool:
         """Spend one message of the connection's rate limit; False if the frame must be dropped.

@@ -1,12 +1,14 @@
-"""The WebSocket endpoint: one reader, one writer and a keepalive per connection.
+"""The WebSocket endpoint: one reader, one writer and a keepalive per socket (its link).
 
 The reader decodes and dispatches each frame (:mod:`llmgine_ws.dispatch`) and never waits on a
-handler; the writer is the only task that writes to the socket; both live in the connection's task
-group together with the handlers, so closing the connection cancels all of them at once.
+handler; the writer is the only task that writes to the socket. They live in the link's task group;
+the app's handlers and engine workers live in the app's own task group (a child of the lifespan's),
+so closing the app cancels all of them, while a dropped socket may leave a resumable app detached.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
@@ -14,7 +16,16 @@ import anyio
 from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from .connection import WS_INTERNAL_ERROR, WS_MESSAGE_TOO_BIG, CloseRequest, Connection, OutboundItem
+from .connection import (
+    WS_GOING_AWAY,
+    WS_INTERNAL_ERROR,
+    WS_MESSAGE_TOO_BIG,
+    WS_NORMAL,
+    CloseRequest,
+    Connection,
+    Link,
+    OutboundItem,
+)
 from .errors import AppDisconnected, ErrorCode, ProtocolError
 from .lifecycle import LazyEvent
 from .outbox import OutboxClosed
@@ -27,12 +38,21 @@ BINARY_FRAME_ERROR = ProtocolError(
     ErrorCode.WEBSOCKET_ERROR, "binary frames are not accepted: send each message as a JSON text frame",
     {"frame": "binary"},
 )
+DROP_CODES = frozenset({1001, 1005, 1006, 1012, 1014})
+"""Close codes from the client side that are a drop (going away, no close frame, connection lost,
+restart, bad gateway): a resumable app is detached. Any other (1000: goodbye; 1002, 1007, 1009…: the
+client broke the protocol) ends it."""
 CLOSE_FRAME_TIMEOUT = 1.0
 """How long the close frame may take to go out before cleanup goes on without it."""
 
 
 class MessageEndpoint:
-    """The ASGI endpoint serving every WebSocket connection of one app (mounted by ``create_app``)."""
+    """The ASGI endpoint serving every WebSocket connection of one app (mounted by ``create_app``).
+
+    Each call owns one socket — its :class:`~llmgine_ws.connection.Link`: a reader, a writer and a
+    keepalive. The app the socket serves runs its own task group (handlers, engine workers) in the
+    lifespan's task group, so that a resumable app outlives its socket (docs/resume.md).
+    """
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -44,35 +64,66 @@ class MessageEndpoint:
         connection = await runtime.gate.open(websocket)
         if connection is None:
             return
-        async with anyio.create_task_group() as tg:
-            connection.attach(tg)
-            writer_done = LazyEvent()
-            tg.start_soon(self._write, connection, send, writer_done)
-            if runtime.config.ping_interval > 0:
-                tg.start_soon(self._keepalive, connection)
-            if runtime.extensions.connection_callbacks["connect"]:  # no task for nothing to run
-                tg.start_soon(runtime.on_connected, connection)
-            peer_gone = False
+        link = Link(connection)
+        connection.link = link
+        apps = runtime.apps_task_group
+        if apps is not None:
             try:
-                peer_gone = await self._read(connection, receive)
+                await apps.start(functools.partial(runtime.host_app, hosted=True), connection)
+            except RuntimeError:  # the lifespan's task group is closing: serve the app from here
+                apps = None
+            else:
+                await self._serve(link, receive, send)
+                return
+        async with anyio.create_task_group() as local:
+            await local.start(runtime.host_app, connection)
+            await self._serve(link, receive, send)
+
+    async def _serve(self, link: Link, receive: Receive, send: Send) -> None:
+        runtime = self.runtime
+        async with anyio.create_task_group() as tg:
+            link.task_group = tg
+            writer_done = LazyEvent()
+            tg.start_soon(self._write, link, send, writer_done)
+            if runtime.config.ping_interval > 0:
+                tg.start_soon(self._keepalive, link)
+            peer_gone = False
+            ending: Connection | None = None
+            try:
+                peer_gone = await self._read(link, receive)
             finally:
-                # Cleanup runs here, inside the task group, right after cancelling it: whatever user
-                # code does not stop in time is abandoned (the task group waits for it afterwards),
-                # but never holds the connection's cleanup up past its own deadlines.
-                if connection.flushing and not peer_gone:  # the queued frames go out before the close
-                    with anyio.CancelScope(shield=True), anyio.move_on_after(runtime.config.send_grace):
-                        await writer_done.wait()
-                connection.lose()
+                # An app that ends with this socket is cleaned up here once the close frame is out (its
+                # task group, cancelled, winds down meanwhile: user code that does not stop in time is
+                # abandoned, never holding cleanup up). A detached app is cleaned up by its own task.
+                with anyio.CancelScope(shield=True):
+                    app = link.app
+                    if app.link is link:
+                        if app.flushing and not peer_gone:  # the queued frames go out before the close
+                            with anyio.move_on_after(runtime.config.send_grace):
+                                await writer_done.wait()
+                        code = link.close_code if link.close_code is not None else WS_GOING_AWAY
+                        dropped = link.lost or (peer_gone and code in DROP_CODES)  # not a goodbye (1000)
+                        if app.closing or not dropped or not runtime.resumer.detach(app, code, "connection lost"):
+                            ending = app
+                            app.lose()
+                            app.close(code, link.close_reason)
                 tg.cancel_scope.cancel()
                 with anyio.CancelScope(shield=True):
                     with anyio.move_on_after(CLOSE_FRAME_TIMEOUT):
                         await writer_done.wait()  # the close frame must not overtake a frame being written
                     if not peer_gone:
-                        await self._send_close(connection, send)
-                    await runtime.close_connection(connection)
+                        if ending is not None:
+                            await self._send_close(ending.close_code or WS_NORMAL, ending.close_reason, send,
+                                                   ending.app_id)
+                        else:
+                            await self._send_close(link.close_code or WS_GOING_AWAY, link.close_reason, send,
+                                                   app.app_id)
+                    link.released.set()
+                    if ending is not None:  # an app that ends with its socket is cleaned up here, as in the seed
+                        await runtime.close_connection(ending)
 
-    async def _read(self, connection: Connection, receive: Receive) -> bool:
-        """Read until the client leaves (True) or the connection starts closing (False)."""
+    async def _read(self, link: Link, receive: Receive) -> bool:
+        """Read until the client leaves (True) or the socket starts closing (False)."""
         max_size = self.runtime.config.max_message_size
         dispatcher = self.runtime.dispatcher
         dispatch = dispatcher.dispatch
@@ -82,11 +133,15 @@ class MessageEndpoint:
             message = text = None  # an idle connection keeps no reference to the last frame it read
             message = await receive()
             kind = message["type"]
+            connection = link.app  # changes when this socket resumes another app
             if kind == "websocket.disconnect":
-                if connection.close_code is None:
-                    connection.close_code = int(message.get("code") or 1005)
+                code = int(message.get("code") or 1005)
+                if link.close_code is None:
+                    link.close_code = code
+                if connection.close_code is None and connection.link is link:
+                    connection.close_code = code
                 return True
-            if connection.closing:
+            if connection.closing or link.close_code is not None:
                 # uvicorn's receive() does not yield while frames are queued, so a cancelled reader
                 # would go on reading a flooding client: a closing connection reads nothing more.
                 return False
@@ -109,45 +164,58 @@ class MessageEndpoint:
             elif dispatcher.within_rate_limit(connection, None):
                 connection.send_soon(self.runtime.encoder.error(None, BINARY_FRAME_ERROR))
 
-    async def _write(self, connection: Connection, send: Send, done: LazyEvent) -> None:
-        outbox = connection.outbox
+    async def _write(self, link: Link, send: Send, done: LazyEvent) -> None:
+        connection = link.app
         item: OutboundItem | None
         try:
             while True:
-                item = await outbox.get()
-                if isinstance(item, CloseRequest):
-                    connection.close(item.code, item.reason)
-                    return
-                await send({"type": "websocket.send", "text": item})
-                item = None  # an idle connection keeps no reference to the last frame it wrote
-        except OutboxClosed:
-            return
+                connection = link.app
+                outbox = connection.outbox
+                try:
+                    preamble = link.preamble
+                    while preamble:  # a resume's answer and replay, before the app's live frames
+                        await send({"type": "websocket.send", "text": preamble[0]})
+                        preamble.popleft()
+                    while True:
+                        item = await outbox.get()
+                        if isinstance(item, CloseRequest):
+                            connection.close(item.code, item.reason)
+                            return
+                        await send({"type": "websocket.send", "text": item})
+                        item = None  # an idle connection keeps no reference to the last frame it wrote
+                except OutboxClosed:
+                    if link.app is connection:
+                        return
+                    # this socket now serves the app it resumed: go on with that app's frames
         except Exception as exc:  # the transport is gone: treat as a disconnect
             logger.debug("write to %s failed: %r", connection.app_id, exc, extra={"app_id": connection.app_id})
-            connection.close(WS_INTERNAL_ERROR if connection.close_code is None else connection.close_code,
-                             "write failed")
+            code = WS_INTERNAL_ERROR if connection.close_code is None else connection.close_code
+            lost = connection.on_link_lost
+            if connection.link is link and not (lost is not None and lost(connection, code, "write failed")):
+                connection.close(code, "write failed")  # not resumable: the app ends with its socket
         finally:
             done.set()
 
-    async def _send_close(self, connection: Connection, send: Send) -> None:
+    async def _send_close(self, code: int, reason: str, send: Send, app_id: str) -> None:
         """The close frame goes out before cleanup: cleanup (engine stops, callbacks) may take seconds,
         and a client must learn the server's close code (1008, 1009, 1013, 1001...) without waiting."""
         with anyio.move_on_after(CLOSE_FRAME_TIMEOUT):
             try:
-                await send({"type": "websocket.close", "code": connection.close_code or 1000,
-                            "reason": connection.close_reason})
+                await send({"type": "websocket.close", "code": code, "reason": reason})
             except Exception:  # the peer may vanish mid-close; cleanup goes on regardless
-                logger.debug("close frame to %s not delivered", connection.app_id, exc_info=True)
+                logger.debug("close frame to %s not delivered", app_id, exc_info=True)
 
-    async def _keepalive(self, connection: Connection) -> None:
+    async def _keepalive(self, link: Link) -> None:
         interval = self.runtime.config.ping_interval
         allowed_misses = self.runtime.config.missed_pongs
         encoder = self.runtime.encoder
         while True:
             await anyio.sleep(interval)
+            connection = link.app
             if len(connection.unanswered_pings) >= allowed_misses:
-                connection.force_close(WS_INTERNAL_ERROR, "server pings unanswered",
-                                       missed=len(connection.unanswered_pings))
+                # A resumable app is detached (the socket is likely half-open); any other is closed.
+                connection.drop_link(WS_INTERNAL_ERROR, "server pings unanswered",
+                                     missed=len(connection.unanswered_pings))
                 return
             message_id = new_message_id()
             connection.unanswered_pings[message_id] = time.monotonic()

@@ -57,7 +57,8 @@ class Extensions:
         self.handlers: dict[str, HandlerSpec] = {}
         self.server_messages: dict[str, Any] = {}
         self.engine_factories: dict[str, EngineFactory] = {}
-        self.connection_callbacks: dict[str, list[ConnectionCallback]] = {"connect": [], "disconnect": []}
+        self.connection_callbacks: dict[str, list[ConnectionCallback]] = {
+            "connect": [], "disconnect": [], "detached": [], "resumed": []}
         self.session_callbacks: dict[str, list[SessionCallback]] = {"session_created": [], "session_destroyed": []}
         self.routes: list[BaseRoute] = []
         self._messaging: MessagingAPI | None = None
@@ -135,12 +136,18 @@ class Extensions:
         self.engine_factories[engine_type] = factory
 
     def register_connection_callback(
-        self, event: Literal["connect", "disconnect"], callback: ConnectionCallback
+        self, event: Literal["connect", "disconnect", "detached", "resumed"], callback: ConnectionCallback
     ) -> None:
-        """Call ``await callback(app_id)`` when an app connects or (after cleanup) disconnects."""
+        """Call ``await callback(app_id)`` when an app connects or (after cleanup) disconnects.
+
+        ``detached``: a resumable app's socket dropped (it keeps its sessions for ``resume_window``);
+        ``resumed``: it was resumed on a new socket. An app that is never resumed gets ``disconnect``
+        once its window has passed and it was cleaned up (see docs/resume.md).
+        """
         self._check_open()
         if event not in self.connection_callbacks:
-            raise ValueError(f"unknown connection event {event!r}; use 'connect' or 'disconnect'")
+            raise ValueError(f"unknown connection event {event!r}; use 'connect', 'disconnect', 'detached' or "
+                             "'resumed'")
         self.connection_callbacks[event].append(_require_async(callback))
 
     def register_session_callback(

@@ -16,6 +16,7 @@ from .connection import Connection
 from .hub import Hub
 from .lifecycle import Lifecycle
 from .protocol import ConnectedData, FrameEncoder, new_message_id
+from .resumption import Resumer
 from .security import (
     UNVERIFIED_FORWARDED,
     ConnectionCounter,
@@ -39,7 +40,8 @@ class HandshakeGate:
     authentication — then accepts, registers and greets it."""
 
     def __init__(self, config: APIConfig, *, authenticator: Authenticator | None, counter: ConnectionCounter,
-                 audit: AuditLog, lifecycle: Lifecycle, hub: Hub, encoder: FrameEncoder, watch: StateWatch) -> None:
+                 audit: AuditLog, lifecycle: Lifecycle, hub: Hub, encoder: FrameEncoder, watch: StateWatch,
+                 resumer: Resumer) -> None:
         self._config = config
         self.authenticator = authenticator
         self._counter = counter
@@ -48,6 +50,7 @@ class HandshakeGate:
         self._hub = hub
         self._encoder = encoder
         self._watch = watch
+        self._resumer = resumer
         self._trusted_proxies = parse_networks(config.trusted_proxies)
         self._user_buckets = SharedBuckets(config.user_rate_limit, config.user_rate_burst)
         self._warned_no_lifespan = False
@@ -111,7 +114,9 @@ class HandshakeGate:
         if config.user_rate_limit > 0 and connection.user_id is not None:
             connection.user_rate_limiter = self._user_buckets.acquire(connection.user_id)
         self._hub.add(connection)
-        connection.send_nowait(self._encoder.event("connected", ConnectedData(app_id=connection.app_id)))
+        state, fields = self._resumer.prepare(connection)
+        connection.send_nowait(self._encoder.event("connected", ConnectedData(app_id=connection.app_id, **fields)))
+        connection.enable_sequencing(state)  # every frame after ``connected`` takes a seq
         logger.info("app %s connected from %s", connection.app_id, client_ip, extra={"app_id": connection.app_id})
         return connection
 

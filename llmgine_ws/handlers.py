@@ -11,12 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from .connection import Connection
 from .context import NO_REPLY, HandlerContext
 from .engines import EngineHandle
 from .errors import ErrorCode, ProtocolError
 from .extensions import HandlerSpec, make_spec
 from .protocol import (
     CORE_CLIENT_MESSAGES,
+    AckData,
     CancelData,
     CancelResData,
     CloseSessionResData,
@@ -28,6 +30,7 @@ from .protocol import (
     EngineCommandData,
     PingData,
     PingResData,
+    ResumeData,
     ServerResponseData,
     SessionRef,
     StatusResData,
@@ -38,9 +41,13 @@ from .session_manager import SessionManager
 class CoreHandlers:
     """The handlers of the core messages of one app, bound to its sessions and engines."""
 
-    def __init__(self, sessions: SessionManager) -> None:
+    def __init__(self, sessions: SessionManager, *,
+                 resume: Callable[[ResumeData, HandlerContext], Any] | None = None,
+                 ack: Callable[[Connection, int], None] | None = None) -> None:
         self._sessions = sessions
         self._engines = sessions.engines
+        self._resume = resume
+        self._ack = ack
 
     def specs(self) -> list[HandlerSpec]:
         """One spec per core client message, in registry order."""
@@ -55,6 +62,8 @@ class CoreHandlers:
             "create_engine": self.create_engine,
             "engine_command": self.engine_command,
             "delete_engine": self.delete_engine,
+            "ack": self.ack,
+            "resume": self.resume,
         }
         if handlers.keys() != CORE_CLIENT_MESSAGES.keys():
             mismatch = sorted(handlers.keys() ^ CORE_CLIENT_MESSAGES.keys())
@@ -136,6 +145,21 @@ class CoreHandlers:
             return CancelResData(target_message_id=data.target_message_id, cancelled=False)
         scope.cancel()
         return CancelResData(target_message_id=data.target_message_id, cancelled=True)
+
+    # ------------------------------------------------------------------ resume
+
+    def ack(self, data: AckData, ctx: HandlerContext) -> Any:
+        """``ack``: the client has every frame up to ``data.seq``; no answer (see docs/resume.md)."""
+        if self._ack is not None:
+            self._ack(ctx.connection, data.seq)
+        return NO_REPLY
+
+    def resume(self, data: ResumeData, ctx: HandlerContext) -> Any:
+        """``resume`` → ``resume_res``: take over a dropped app (see docs/resume.md)."""
+        if self._resume is None:
+            raise ProtocolError(ErrorCode.INVALID_MESSAGE_TYPE, "resume is not available on this server",
+                                {"type": "resume"})
+        return self._resume(data, ctx)
 
     # ------------------------------------------------------------------ engines
 

@@ -86,6 +86,7 @@ class StatusRoutes:
             "sessions": counts["sessions"],
             "engines": counts["engines"],
             "pending_server_requests": counts["pending_server_requests"],
+            "detached_apps": counts["detached_apps"],
             "timestamp": utcnow(),
         }
         return JSONResponse(body, status_code=200 if ready else 503)

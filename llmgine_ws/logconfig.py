@@ -62,8 +62,9 @@ class ContextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         """Render the record."""
         text = super().format(record)
+        message = record.message  # set by super().format(): not formatted again per context field
         context = " ".join(f"{key}={getattr(record, key)}" for key in CONTEXT_FIELDS
-                           if getattr(record, key, None) is not None and key not in record.getMessage())
+                           if getattr(record, key, None) is not None and key not in message)
         if context:
             first, newline, rest = text.partition("\n")
             text = f"{first} [{context}]{newline}{rest}"

@@ -115,9 +115,13 @@ class MessagingAPI:
                              "send_to_app_and_wait(app_id, 'ask_color', data)")
         message_id = new_message_id()
         frame = self._encoder.frame(message_type, message_id, payload, server_initiated=True)
-        record: dict[str, Any] = {"app_id": app_id, "user_id": self._user_of(app_id), "message_type": message_type,
-                  "message_id": message_id, "request_type": request_type}
-        self._audit("server_request", outcome="sent", **record)
+        audit = self._audit
+        logged = audit.logs()  # else only the outcome is counted (metrics): no record to build
+        if logged:
+            record: dict[str, Any] = {"app_id": app_id, "user_id": self._user_of(app_id),
+                                      "message_type": message_type, "message_id": message_id,
+                                      "request_type": request_type}
+            audit("server_request", outcome="sent", **record)
         started = time.monotonic()
         limit = self._default_timeout if timeout is None else timeout
         outcome = "cancelled"  # what happened, for the audit log and (when unanswered) for the client
@@ -139,7 +143,10 @@ class MessagingAPI:
         finally:
             if outcome in ("timed_out", "cancelled", "shutting_down"):
                 await self._withdraw(app_id, message_id, "timeout" if outcome == "timed_out" else "cancelled")
-            self._audit("server_request", outcome=outcome, duration=round(time.monotonic() - started, 4), **record)
+            if logged:
+                audit("server_request", outcome=outcome, duration=round(time.monotonic() - started, 4), **record)
+            else:
+                audit.observe("server_request", {"outcome": outcome, "duration": time.monotonic() - started})
         if answer.get("error") is not None:
             raise ServerRequestFailed(app_id, message_id, answer["error"], answer)
         return ServerResponse(type="server_response", message_id=message_id, app_id=app_id, data=answer)

@@ -38,6 +38,9 @@ _GAUGES = {
     "engines": "Sessions with an engine",
     "pending_server_requests": "Server requests waiting for an answer",
     "ready": "1 while ready to take traffic",
+    "detached_apps": "Resumable apps whose socket dropped, waiting for a resume",
+    "resume_buffer_bytes": "Characters held by the replay buffers of this node",
+    "resume_buffer_evictions": "Unacked frames evicted from full replay buffers since start (a later resume is gap)",
 }
 
 
@@ -61,6 +64,8 @@ _FAMILIES: dict[str, tuple[str, str, str]] = {
     "limits": ("llmgine_ws_limit_hits", "Limits hit, by limit (rate, connections, sessions...)", "limit"),
     "forced_closes": ("llmgine_ws_forced_closes", "Connections closed by the server, by reason", "reason"),
     "handshakes_refused": ("llmgine_ws_handshakes_refused", "Handshakes refused, by reason", "reason"),
+    "resumes": ("llmgine_ws_resumes", "Resume attempts, by outcome (resumed, unknown, expired, gap, disabled)",
+                "outcome"),
 }
 _HISTOGRAMS: dict[str, tuple[str, str, str]] = {
     "request_seconds": ("llmgine_ws_request_duration_seconds",
@@ -90,6 +95,9 @@ class Metrics:
         self.limits: dict[str, int] = {}
         self.forced_closes: dict[str, int] = {}
         self.handshakes_refused: dict[str, int] = {}
+        self.resumes: dict[str, int] = {}
+        self.replayed_frames = 0
+        self.replayed_bytes = 0
         self.request_seconds: dict[str, _Histogram] = {}
         self.server_request_seconds: dict[str, _Histogram] = {}
         self.registry.register(_EventCollector(self))
@@ -139,6 +147,12 @@ class Metrics:
         """A handshake was refused (auth, origin, caps, shutdown)."""
         self.handshakes_refused[reason] = self.handshakes_refused.get(reason, 0) + 1
 
+    def resume(self, outcome: str, frames: int = 0, size: int = 0) -> None:
+        """A resume attempt ended with ``outcome``; ``frames`` (``size`` characters) were replayed."""
+        self.resumes[outcome] = self.resumes.get(outcome, 0) + 1
+        self.replayed_frames += frames
+        self.replayed_bytes += size
+
     def observe_audit(self, event: str, fields: Mapping[str, Any]) -> None:
         """Count what the audit log records (an :data:`~llmgine_ws.audit.AuditObserver`)."""
         if event == "server_request":
@@ -176,6 +190,10 @@ class _EventCollector:
             for value, count in list(getattr(self._metrics, attribute).items()):
                 family.add_metric([value], count)
             yield family
+        for name, description, value in (
+                ("llmgine_ws_replayed_frames", "Frames replayed after a resume", self._metrics.replayed_frames),
+                ("llmgine_ws_replayed_bytes", "Characters replayed after a resume", self._metrics.replayed_bytes)):
+            yield CounterMetricFamily(name, description, value=value)
         bounds = [*(repr(float(b)) for b in LATENCY_BUCKETS), "+Inf"]
         for attribute, (name, description, label) in _HISTOGRAMS.items():
             histogram_family = HistogramMetricFamily(name, description, labels=[label])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 import anyio
@@ -34,9 +35,12 @@ class Outbox(Generic[T]):
     queued, and the queue of waiting producers only once a producer has had to wait.
     """
 
-    __slots__ = ("_bytes", "_capacity", "_closed", "_item_ready", "_items", "_max_bytes", "_waiting_producers")
+    __slots__ = ("_bytes", "_capacity", "_closed", "_commit", "_item_ready", "_items", "_max_bytes",
+                 "_waiting_producers")
 
-    def __init__(self, capacity: int, max_bytes: int) -> None:
+    def __init__(self, capacity: int, max_bytes: int, commit: Callable[[T], T] | None = None) -> None:
+        """``commit``, if given, is applied to each item at the moment it enters the queue (in queue
+        order, never to an item whose producer gave up waiting): the connection stamps ``seq`` there."""
         if capacity < 1 or max_bytes < 1:
             raise ValueError("capacity and max_bytes must be >= 1")
         self._capacity = capacity
@@ -49,6 +53,7 @@ class Outbox(Generic[T]):
         cheapest wake-up there is), an ``anyio.Event`` on other backends."""
         self._waiting_producers: deque[tuple[T, int, anyio.Event]] | None = None
         self._closed = False
+        self._commit = commit
 
     def __len__(self) -> int:
         return (len(self._items) if self._items else 0) + self.waiting
@@ -74,6 +79,8 @@ class Outbox(Generic[T]):
         """Queue ``item`` if there is room and nobody is already waiting for room; else False."""
         if self._closed or self._waiting_producers or not self._has_room(size):
             return False
+        if self._commit is not None:
+            item = self._commit(item)
         items = self._items
         if items is None:
             items = self._items = deque()
@@ -136,12 +143,25 @@ class Outbox(Generic[T]):
         if waiting:
             while waiting and self._has_room(waiting[0][1]):  # hand the room to the longest-waiting producers
                 waiting_item, waiting_size, queued = waiting.popleft()
+                if self._commit is not None:
+                    waiting_item = self._commit(waiting_item)
                 items.append((waiting_item, waiting_size))
                 self._bytes += waiting_size
                 queued.set()
         if not items:
             self._items = None
         return item
+
+    def set_commit(self, commit: Callable[[T], T] | None) -> None:
+        """Apply ``commit`` to the items queued from now on (see the constructor)."""
+        self._commit = commit
+
+    def take_all(self) -> list[T]:
+        """Remove and return the items queued (not those of producers still waiting for room)."""
+        items = [item for item, _ in self._items or ()]
+        self._items = None
+        self._bytes = 0
+        return items
 
     def close(self) -> None:
         """Accept nothing more; wake everyone waiting (producers get ``OutboxClosed``)."""

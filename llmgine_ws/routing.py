@@ -15,7 +15,7 @@ import os
 import socket
 from collections.abc import Collection
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import anyio
 import anyio.abc
@@ -40,6 +40,8 @@ class AppPresence(msgspec.Struct, frozen=True, kw_only=True):
     sessions: list[str]
     local: bool
     """True when the app is connected to this node."""
+    state: Literal["connected", "detached"] = "connected"
+    """``detached``: its socket dropped and it waits for a ``resume`` (see docs/resume.md)."""
 
 
 class NodePresence(msgspec.Struct, frozen=True, kw_only=True):
@@ -62,7 +64,7 @@ def local_presence(hub: Hub, node_id: str, node_name: str) -> list[AppPresence]:
     """The apps connected to this process (closing ones left out), as seen by node ``node_id``."""
     return [
         AppPresence(app_id=c.app_id, node_id=node_id, node_name=node_name, connected_at=c.connected_at,
-                    sessions=sorted(c.session_ids), local=True)
+                    sessions=sorted(c.session_ids), local=True, state="detached" if c.detached else "connected")
         for c in hub if not c.closing
     ]
 
@@ -201,7 +203,7 @@ class LocalRouter:
         connection = self._connection(app_id)
         if len(connection.pending) >= self._max_pending:
             raise PendingRequestLimit(app_id, self._max_pending)
-        pending = PendingRequest(app_id, message_id, answer_check(frame))
+        pending = PendingRequest(app_id, message_id, answer_check(frame), frame=frame)
         connection.pending[message_id] = pending
         connection.changed()
         try:

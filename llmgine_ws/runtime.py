@@ -35,6 +35,7 @@ from .logconfig import install_fallback_handler
 from .messaging import MessagingAPI
 from .metrics import Metrics, metrics_available
 from .protocol import FrameEncoder, NotificationData
+from .resumption import Resumer
 from .routing import MessageRouter
 from .security import ConnectionCounter, TokenBucket
 from .session_manager import SessionManager
@@ -71,10 +72,6 @@ class Runtime:
         """Wait for a condition over the app's state: ``await runtime.watch.wait_for(predicate, timeout)``."""
         hub.listeners.append(self.watch)
         sessions.listeners.append(self.watch)
-        self.gate = HandshakeGate(
-            config, authenticator=authenticator if authenticator is not None else authenticator_from_config(config),
-            counter=self.connection_counter, audit=self.audit, lifecycle=self.lifecycle, hub=hub, encoder=self.encoder,
-            watch=self.watch)
         self.messaging = MessagingAPI(
             message_router, self.encoder, default_timeout=config.server_request_timeout,
             broadcast_limit=TokenBucket(config.broadcast_rate_limit, config.broadcast_burst)
@@ -94,6 +91,13 @@ class Runtime:
             start_timeout=config.engine_start_timeout, stop_timeout=config.engine_stop_timeout,
             max_inflight_requests=config.max_inflight_requests, max_inflight_bytes=config.max_inflight_bytes,
             on_change=self.watch.notify, host=self.host, coalescing=self.coalescing)
+        self.resumer = Resumer(config, hub=hub, engines=self.engines, encoder=self.encoder, lifecycle=self.lifecycle,
+                               audit=self.audit, metrics=self.metrics, callbacks=extensions.connection_callbacks)
+        """Detaches, expires and resumes apps (see docs/resume.md)."""
+        self.gate = HandshakeGate(
+            config, authenticator=authenticator if authenticator is not None else authenticator_from_config(config),
+            counter=self.connection_counter, audit=self.audit, lifecycle=self.lifecycle, hub=hub, encoder=self.encoder,
+            watch=self.watch, resumer=self.resumer)
         self.session_manager = SessionManager(
             sessions, self.engines, hub, encoder=self.encoder, audit=self.audit,
             max_per_connection=config.max_sessions_per_connection, max_per_ip=config.max_sessions_per_ip,
@@ -101,10 +105,13 @@ class Runtime:
             on_created=extensions.session_callbacks["session_created"],
             on_destroyed=extensions.session_callbacks["session_destroyed"])
         self.services = Services(config, self.messaging, sessions, self.encoder, self.lifecycle, self.host)
-        self.dispatcher = Dispatcher([*CoreHandlers(self.session_manager).specs(), *extensions.handlers.values()],
+        core = CoreHandlers(self.session_manager, resume=self.resumer.resume, ack=self.resumer.ack)
+        self.dispatcher = Dispatcher([*core.specs(), *extensions.handlers.values()],
                                      self.services, audit=self.audit, metrics=self.metrics)
         extensions._bind(self.messaging)
         self._reaper_running = False
+        self._apps: anyio.abc.TaskGroup | None = None
+        """The lifespan's task group, parent of every app's task group (None outside the lifespan)."""
 
     def set_host(self, host: Any, mount_path: str | None = None) -> None:
         """Record the app this one is mounted in (``ctx.host_app``, ``ctx.state``) and the mount path
@@ -144,6 +151,41 @@ class Runtime:
         await run_callbacks(self.extensions.connection_callbacks["connect"], connection.app_id,
                             timeout=self.config.callback_timeout, log=logger)
 
+    @property
+    def apps_task_group(self) -> anyio.abc.TaskGroup | None:
+        """Where apps' task groups live while the lifespan runs (so an app can outlive its socket)."""
+        return self._apps
+
+    async def host_app(self, connection: Connection, *, hosted: bool = False,
+                       task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run one app's task group (its handlers, engine workers, timers) until it is closed, then
+        clean up after it. ``hosted``: this runs in the lifespan's task group, so the app may outlive
+        its socket (resume); otherwise it runs inside the endpoint's call and ends with its socket.
+
+        An app closed while it has a socket is cleaned up by that socket's endpoint (after its close
+        frame, as in the seed); a detached one (window passed, buffer overflow) by this task.
+        """
+        try:
+            async with anyio.create_task_group() as tg:
+                connection.attach(tg)
+                if hosted:
+                    self.resumer.hosted.add(connection.app_id)
+                task_status.started()
+                if self.extensions.connection_callbacks["connect"]:  # no task for nothing to run
+                    tg.start_soon(self.on_connected, connection)
+                try:
+                    await anyio.sleep_forever()
+                finally:
+                    connection.lose()
+                    with anyio.CancelScope(shield=True):
+                        if connection.link is not None:
+                            await connection.closed.wait()  # the socket's endpoint cleans up, as in the seed
+                        else:
+                            await self.close_connection(connection)
+        except Exception:  # never into the lifespan's task group
+            logger.exception("app %s: its task group failed", connection.app_id, extra={"app_id": connection.app_id})
+            connection.closed.set()
+
     async def close_connection(self, connection: Connection) -> None:
         """Clean up after a connection, in the seed's order. Never raises; always completes.
 
@@ -153,6 +195,7 @@ class Runtime:
         await self.session_manager.release(connection)
         self.hub.remove(connection)
         connection.outbox.close()  # producers still waiting for room learn the app is gone
+        self.resumer.released(connection)
         self.gate.release(connection)
         await run_callbacks(self.extensions.connection_callbacks["disconnect"], connection.app_id,
                             timeout=self.config.callback_timeout, log=logger)
@@ -183,6 +226,7 @@ class Runtime:
             if self.coalescing is not None:
                 await tg.start(self.coalescing.run)
             logger.info("llmgine_ws WebSocket endpoint at %s", self.ws_url_path)
+            self._apps = tg
             if self.authenticator is None:
                 logger.warning("no authenticator configured: any client that can reach %s may connect (set "
                                "LLMGINE_API_KEYS, LLMGINE_API_TOKEN_SECRET or LLMGINE_API_JWT_KEY)",
@@ -194,6 +238,7 @@ class Runtime:
                 self.messaging._bind_portal(None)
                 with anyio.CancelScope(shield=True):
                     await self.shutdown()
+                self._apps = None
                 tg.cancel_scope.cancel()
 
     async def shutdown(self) -> None:
@@ -296,6 +341,9 @@ class Runtime:
             "engines": self.engines.running(),
             "pending_server_requests": self.hub.pending_request_count(),
             "ready": int(self.readiness()[0]),
+            "detached_apps": self.resumer.detached_count,
+            "resume_buffer_bytes": self.resumer.budget.used,
+            "resume_buffer_evictions": self.resumer.budget.evictions,
         }
 
     @property

@@ -15,7 +15,7 @@ never drains. The protocol classes here add those bounds on top of uvicorn's own
   (the server stops reading while its write buffer is over the transport's high-water mark, so a PING
   storm is paced by the client's own reading); a connection whose app has finished, that uvicorn shut
   down, or that missed its keepalive is aborted if its buffer has not drained within ``CLOSE_TIMEOUT``
-  seconds;
+  seconds, or as soon as the client has sent more than a frame's worth after the close frame;
   invalid UTF-8 closes with 1007 without a traceback; refused handshakes do not log an ERROR.
 
 The CLI serves with them (:func:`uvicorn_options`). With plain uvicorn pass
@@ -217,6 +217,18 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
         self._close_timeout = _ServerGuard.of(server_state, limits).limits.close_timeout
         self._held_for_writes = False
         self._abort_timer: asyncio.TimerHandle | None = None
+        self._after_close = 0
+
+    def data_received(self, data: bytes) -> None:
+        """Parse ``data``; after the close frame went out, only a bounded amount more is read."""
+        if self.close_sent and not self.disconnected:
+            self._after_close += len(data)
+            if self._after_close > self.config.ws_max_size + 65536:
+                # The peer keeps sending instead of answering the close: every byte read now is parsed
+                # only to be discarded (a flood after a 1008 kept a core busy). Done waiting.
+                self.transport.abort()
+                return
+        super().data_received(data)
 
     def handle_ping(self) -> None:
         """Answer the PING; while the answers are not read, read nothing more."""
@@ -244,19 +256,24 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def send_receive_event_to_app(self) -> None:
         """Hand a complete message to the app; invalid UTF-8 closes 1007 (logged without a traceback)."""
-        if self.curr_msg_data_type == "text" and not self.close_sent:
-            data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
-            try:
-                data.decode()
-            except UnicodeDecodeError:
-                self.frames = []
-                logger.info("closed a connection from %s: invalid UTF-8 in a text frame (1007)",
-                            self.client[0] if self.client else None)
-                self.conn.send_close(1007, "invalid UTF-8")
-                self.handle_parser_exception()
-                self._abort_later()
-                return
-        super().send_receive_event_to_app()
+        if self.curr_msg_data_type != "text" or self.close_sent:
+            super().send_receive_event_to_app()
+            return
+        data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
+        self.frames = []
+        try:
+            text = data.decode()
+        except UnicodeDecodeError:
+            logger.info("closed a connection from %s: invalid UTF-8 in a text frame (1007)",
+                        self.client[0] if self.client else None)
+            self.conn.send_close(1007, "invalid UTF-8")
+            self.handle_parser_exception()
+            self._abort_later()
+            return
+        self.queue.put_nowait({"type": "websocket.receive", "text": text})
+        if not self.read_paused:  # as uvicorn does: one message at a time
+            self.read_paused = True
+            self.transport.pause_reading()
 
     async def send(self, message: Any) -> None:
         """Send an ASGI event; a handshake refused with an HTTP response counts as complete."""

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -49,26 +48,46 @@ class Outcome:
         return self.error is not None
 
 
-@contextmanager
+class _Contained:
+    """The context manager :func:`contained` returns (a class, not a generator: it runs once per
+    message on the hot path, where ``@contextmanager``'s generator costs twice as much)."""
+
+    __slots__ = ("_args", "_extra", "_log", "_message", "_traceback", "outcome")
+
+    def __init__(self, log: logging.Logger, message: str, args: tuple[Any, ...], extra: dict[str, Any] | None,
+                 traceback: bool) -> None:
+        self._log = log
+        self._message = message
+        self._args = args
+        self._extra = extra
+        self._traceback = traceback
+        self.outcome = Outcome()
+
+    def __enter__(self) -> Outcome:
+        return self.outcome
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None:
+            return False
+        if not isinstance(exc, Exception) and (
+            not isinstance(exc, anyio.get_cancelled_exc_class()) or being_cancelled()
+        ):
+            return False  # a real cancellation (or KeyboardInterrupt...) gets through
+        self.outcome.error = exc
+        self._log.error(self._message, *self._args, exc_info=exc if self._traceback else None, extra=self._extra)
+        return True
+
+
 def contained(log: logging.Logger, message: str, *args: Any, extra: dict[str, Any] | None = None,
-              traceback: bool = True) -> Iterator[Outcome]:
+              traceback: bool = True) -> _Contained:
     """Run the block's user code; log and swallow what it raises, except a real cancellation.
 
     ``message % args`` is logged at ERROR (with the traceback unless ``traceback=False``) and the
-    exception is kept in the :class:`Outcome`. A stray cancellation exception raised by the user
-    code itself (see :func:`being_cancelled`) counts as a failure like any other.
+    exception is kept in the :class:`Outcome` the block gets (``with contained(...) as outcome``). A
+    stray cancellation exception raised by the user code itself (see :func:`being_cancelled`) counts
+    as a failure like any other.
     """
-    outcome = Outcome()
-    try:
-        yield outcome
-    except Exception as exc:
-        outcome.error = exc
-        log.error(message, *args, exc_info=exc if traceback else None, extra=extra)
-    except anyio.get_cancelled_exc_class() as exc:
-        if being_cancelled():
-            raise
-        outcome.error = exc
-        log.error(message, *args, exc_info=exc if traceback else None, extra=extra)
+    return _Contained(log, message, args, extra, traceback)
 
 
 async def run_callbacks(callbacks: Sequence[Callable[..., Awaitable[None]]], *args: Any, timeout: float,

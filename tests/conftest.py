@@ -26,6 +26,10 @@ def make_app() -> Callable[..., Starlette]:
 
     def factory(extensions: Extensions | None = None, **config: Any) -> Starlette:
         config.setdefault("ping_interval", 0)
+        # No resume unless a test asks for it: the Python client acks by default, which would leave the
+        # app of a client that vanishes detached for the window, and most tests check the seed's
+        # cleanup at disconnect (tests/test_resume.py turns it on).
+        config.setdefault("resume_window", 0)
         return create_app(APIConfig(**config), extensions)
 
     return factory

@@ -157,7 +157,7 @@ class RawClient:
 
 
 @asynccontextmanager
-async def raw_connect(url: str) -> AsyncIterator[RawClient]:
+async def raw_connect(url: str, headers: list[tuple[str, str]] | None = None) -> AsyncIterator[RawClient]:
     """Open a WebSocket connection for :class:`RawClient` (handshake through wsproto, then raw bytes)."""
     parts = urlsplit(url)
     assert parts.hostname is not None and parts.port is not None
@@ -165,7 +165,8 @@ async def raw_connect(url: str) -> AsyncIterator[RawClient]:
     try:
         ws = WSConnection(ConnectionType.CLIENT)
         target = parts.path + (f"?{parts.query}" if parts.query else "")
-        await stream.send(ws.send(Request(host=f"{parts.hostname}:{parts.port}", target=target)))
+        await stream.send(ws.send(Request(host=f"{parts.hostname}:{parts.port}", target=target,
+                                          extra_headers=list(headers or []))))
         client = RawClient(stream, ws)
         with anyio.fail_after(5):
             while True:

@@ -202,7 +202,11 @@ async def _talk_to(port: int) -> None:
 
 
 @pytest.mark.parametrize("argv", [["-m", "llmgine_ws"], ["-m", "uvicorn", "llmgine_ws.main:app"],
-                                  ["-m", "uvicorn", "--http", "llmgine_ws.transport:GuardedHttpProtocol", "--ws",
+                                  # docs/deploy.md's plain-uvicorn command line
+                                  ["-m", "uvicorn", "--lifespan", "on", "--no-proxy-headers",
+                                   "--ws-max-size", "1048576", "--ws-per-message-deflate", "false",
+                                   "--timeout-graceful-shutdown", "2",
+                                   "--http", "llmgine_ws.transport:GuardedHttpProtocol", "--ws",
                                    "llmgine_ws.transport:GuardedWebSocketProtocol", "llmgine_ws.main:app"]])
 async def test_cli_and_uvicorn_serve_the_default_app(argv: list[str]) -> None:
     sock = listening_socket()  # handed to the server process: no port race, no waiting for startup

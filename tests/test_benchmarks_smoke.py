@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -87,3 +88,11 @@ def test_cluster(kind: str) -> None:
     out = run_script("cluster.py", "--backplane", kind, "--rounds", "1", "--duration", "0.2",
                      "--concurrency", "1", "--clients", "2", "--broadcasts", "150")
     assert f"{kind} backplane" in out
+
+
+def test_icount() -> None:
+    if shutil.which("valgrind") is None:
+        pytest.skip("no valgrind (apt-get install valgrind)")
+    # The baseline figure given: only the target's two runs under callgrind (~10 s each).
+    out = run_script("icount.py", "--workloads", "ping", "--ops", "20", "--baseline-per-op", "100000", timeout=300)
+    assert "instructions per operation" in out

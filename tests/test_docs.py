@@ -350,3 +350,25 @@ def canonical(name: str) -> str:
 
 if __name__ == "__main__":  # pragma: no cover - a convenience for docs writers
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+LIMIT_FIELDS = [
+    "max_message_size", "rate_limit", "rate_burst", "rate_limit_strikes", "user_rate_limit", "user_rate_burst",
+    "max_connections", "max_connections_per_ip", "handshake_timeout", "max_header_bytes", "ws_per_message_deflate",
+    "trusted_proxies", "max_sessions", "max_sessions_per_connection", "max_sessions_per_ip",
+    "max_sessions_per_user", "max_inflight_requests", "max_inflight_bytes", "max_pending_requests",
+    "outbound_queue_size", "outbound_queue_bytes", "send_grace", "broadcast_rate_limit", "broadcast_burst",
+    "callback_timeout", "engine_start_timeout", "engine_stop_timeout", "server_request_timeout", "session_timeout",
+    "engine_idle_timeout", "missed_pongs", "ping_interval", "drain_timeout", "shutdown_timeout",
+]
+"""Settings that bound what a client can make the server hold or do: each has a row in Security → Limits."""
+
+
+@pytest.mark.parametrize("field", LIMIT_FIELDS)
+def test_every_limit_is_in_the_security_limits_table(field: str) -> None:
+    page = (DOCS / "security.md").read_text()
+    table = page[page.index("## Limits"):page.index("### What one client can cost")]
+    variable = env_variable(field).removeprefix("LLMGINE_API_")
+    rows = [line for line in table.splitlines() if line.startswith("|") and f"`{variable}`" in line]
+    assert field in APIConfig.__struct_fields__
+    assert rows, f"{field} ({variable}) has no row in docs/security.md's Limits table"

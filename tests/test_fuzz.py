@@ -31,6 +31,9 @@ What "answered" means (checked for every example)
   semantic error (``SESSION_NOT_FOUND``...), never ``INTERNAL_ERROR``;
 * the well-formed control messages interleaved with the garbage get exactly the right answer;
 * nothing at ERROR level is logged by ``llmgine_ws.*`` and uvicorn never sees an exception.
+Floods (issue 10): answers to nothing the server asked (mixed with the one it waits for), frames of
+every kind after a forced close, and commands of every shape queued behind a command waiting for the
+user — each is answered or refused within its bound, and everything is cleaned up.
 Policy closes: invalid UTF-8 → 1007, a frame over ``max_message_size`` bytes → 1009, sustained
 rate-limit abuse → 1008; WebSocket protocol violations (reserved bits, bad opcodes...) are closed
 by the protocol layer with 1002/1007.
@@ -55,7 +58,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmgine_ws import APIConfig, EngineContext, ErrorCode, Extensions, HandlerContext, create_app
+from llmgine_ws import APIConfig, AppDisconnected, EngineContext, ErrorCode, Extensions, HandlerContext, create_app
 from llmgine_ws.client import Client, ConnectionClosed, Message, connect
 from llmgine_ws.runtime import Runtime
 
@@ -136,8 +139,10 @@ class EchoEngine:
         pass
 
 
-def fuzz_app(**config: Any) -> Any:
+def fuzz_app(engines: dict[str, Any] | None = None, **config: Any) -> Any:
     extensions = Extensions()
+    for name, factory in (engines or {}).items():
+        extensions.register_engine(name, factory)
     extensions.register_handler("knobs", Knobs, knobs)
     extensions.register_handler("echo", dict[str, Any], echo)
     extensions.register_handler("slow", SlowData, slow)
@@ -153,6 +158,9 @@ CATALOGUE: dict[str, Any] = {
     name: mi.type_info(envelope) for name, envelope in fuzz_app().state.llmgine.dispatcher.envelopes.items()
 }
 """The same catalogue, built at import time for the strategies (an app with the same extensions)."""
+
+NO_REPLY = frozenset({"ack"})
+"""Valid messages that get no reply at all (``ack``): not drawn as the base of a mutated frame."""
 
 PLAY = "@@PLAY-SESSION@@"
 """Stands for the id of a session the garbage may touch (replaced when the frame is sent)."""
@@ -275,7 +283,7 @@ class Frame:
 def mutated(draw: st.DrawFn) -> Frame:
     """A valid message of a random registered type, then mutated (or not) structurally and textually."""
     catalogue = CATALOGUE
-    message_type = draw(st.sampled_from(sorted(catalogue)))
+    message_type = draw(st.sampled_from(sorted(set(catalogue) - NO_REPLY)))
     message: dict[str, Any] = {"type": message_type, "message_id": draw(st.sampled_from(ID_POOL))}
     data_field = next(f for f in catalogue[message_type].fields if f.name == "data")
     if data_field.required or draw(st.booleans()):
@@ -620,7 +628,8 @@ def catalogue(rig: Rig) -> dict[str, Any]:
 def test_catalogue_covers_every_registered_type(catalogue: dict[str, Any]) -> None:
     assert catalogue.keys() == CATALOGUE.keys()
     assert {"ping", "create_session", "status", "close_session", "server_response", "server_pong", "cancel",
-            "create_engine", "engine_command", "delete_engine", "knobs", "echo", "slow"} == set(catalogue)
+            "create_engine", "engine_command", "delete_engine", "knobs", "echo", "slow", "ack", "resume"} \
+        == set(catalogue)
 
 
 @FUZZ
@@ -736,7 +745,8 @@ def wrong_type_cases() -> list[tuple[str, str, dict[str, Any], str]]:
     for name, info in sorted(CATALOGUE.items()):
         data_type = next(f for f in info.fields if f.name == "data").type
         base = {"type": name, "message_id": f"wt-{len(cases)}", "data": minimal(data_type)}
-        cases.append((name, "valid", base, ""))
+        if name not in NO_REPLY:
+            cases.append((name, "valid", base, ""))
         for what, data, path in field_cases(data_type, base["data"], "$.data"):
             cases.append((name, what, {**base, "message_id": f"wt-{len(cases)}", "data": data}, path))
         for what, wrong in wrong_values(next(f for f in info.fields if f.name == "message_id").type):
@@ -986,6 +996,193 @@ def test_raw_frames_and_frames_between_close_and_cleanup(rig: Rig, actions: list
         assert connection.app_id not in runtime.hub
 
     rig.portal.call(play)
+
+
+# ----------------------------------------------------------------- floods (issue 10)
+
+FLOODS = settings(FUZZ, max_examples=max(5, FUZZ.max_examples // 15))
+
+
+class AskingEngine:
+    """Commands with ``{"ask": ...}`` wait for the user; others answer at once."""
+
+    async def start(self) -> None:
+        pass
+
+    async def handle_command(self, command: Any, ctx: EngineContext) -> Any:
+        if isinstance(command, dict) and "ask" in command:
+            return {"answer": await ctx.ask_user("?", timeout=30)}
+        return {"done": True}
+
+    async def stop(self) -> None:
+        pass
+
+
+def flood_app(**config: Any) -> Any:
+    return fuzz_app(engines={"asking": lambda session, cfg: AskingEngine()}, **config)
+
+
+ANSWER_FRAMES = st.one_of(
+    st.builds(lambda kind, mid, data: {"type": kind, "message_id": mid, "data": data},
+              st.sampled_from(["server_response", "server_pong"]),
+              st.one_of(st.uuids().map(str), st.text(min_size=1, max_size=20)),
+              st.one_of(st.just({"response_type": "x"}), st.dictionaries(st.text(max_size=5), st.integers(),
+                                                                          max_size=3))),
+    st.just({"type": "server_response", "message_id": "REAL", "data": {"response_type": "question"}}),
+)
+
+
+@FLOODS
+@given(st.lists(ANSWER_FRAMES, min_size=50, max_size=400), st.integers(min_value=5, max_value=40))
+def test_answer_floods(portal: BlockingPortal, frames: list[dict[str, Any]], burst: int) -> None:
+    """Answers to nothing the server asked, mixed with the one answer it waits for, as fast as the
+    socket takes them: the real answer resolves the server's request, every unsolicited one costs the
+    rate limit (UNKNOWN_REQUEST, then RATE_LIMITED, then 1008), the backlog stays bounded, and all is
+    cleaned up without an error logged."""
+
+    async def play() -> None:
+        app = flood_app(rate_limit=0.001, rate_burst=burst, rate_limit_strikes=burst, outbound_queue_size=64,
+                        outbound_queue_bytes=64 * 1024)
+        with error_trap():
+            async with serve(app, ws_ping_interval=None) as live, raw_connect(live.ws_url) as raw:
+                greeting = await raw.receive_json()
+                connection = live.runtime.hub.get(greeting["data"]["app_id"])
+                assert connection is not None
+                asked: dict[str, Any] = {}
+
+                async def ask() -> None:
+                    try:
+                        asked["answer"] = await live.runtime.messaging.send_to_app_and_wait(
+                            connection.app_id, "server_request", {"request_type": "question"}, 10)
+                    except AppDisconnected:  # closed (1008) before the real answer came
+                        asked["closed"] = True
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(ask)
+                    question = await raw.receive_json()
+                    real = question["message_id"]
+                    for frame in frames:
+                        if frame["message_id"] == "REAL":
+                            frame = {**frame, "message_id": real}
+                        await raw.send_json(frame)
+                        if raw.broken:
+                            break
+                    if not any(f["message_id"] == "REAL" for f in frames):
+                        await raw.send_json({"type": "server_response", "message_id": real,
+                                             "data": {"response_type": "question"}})
+                    messages = await raw.messages_until_close(timeout=1) if connection.closing else []
+                    if not connection.closing:
+                        await raw.send_close(1000)
+                        messages = await raw.messages_until_close()
+                    tg.cancel_scope.cancel()
+                assert asked.get("closed") or asked["answer"].data["response_type"] == "question", asked
+                codes = Counter(m["data"]["code"] for m in messages if m["type"] == "error")
+                assert set(codes) <= {"UNKNOWN_REQUEST", "RATE_LIMITED", "VALIDATION_ERROR"}, codes
+                assert codes["UNKNOWN_REQUEST"] + codes["VALIDATION_ERROR"] <= burst
+                assert raw.close_code in (1000, 1008, None)
+                with anyio.fail_after(5):
+                    await connection.closed.wait()
+                await wait_registries_empty(live.runtime)
+
+    portal.call(play)
+
+
+@FLOODS
+@given(st.lists(st.sampled_from(["ping", "garbage", "control_ping", "engine_command", "answer"]), min_size=20,
+                max_size=300), st.sampled_from([1008, 1009, 1013, 1011]))
+def test_post_close_floods(portal: BlockingPortal, kinds: list[str], code: int) -> None:
+    """After a forced close the client goes on sending whatever it likes: nothing more is read or
+    dispatched, the close is audited once, and the connection is cleaned up."""
+
+    async def play() -> None:
+        app = flood_app()
+        with error_trap():
+            async with serve(app, ws_ping_interval=None) as live, raw_connect(live.ws_url) as raw:
+                greeting = await raw.receive_json()
+                connection = live.runtime.hub.get(greeting["data"]["app_id"])
+                assert connection is not None
+                connection.force_close(code, "fuzz")
+                frames = {
+                    "ping": lambda n: raw.send_json({"type": "ping", "message_id": f"p{n}", "data": {}}),
+                    "garbage": lambda n: raw.send_text(b"{not json" * n),
+                    "control_ping": lambda n: raw.send_frame(OP_PING, b"x"),
+                    "engine_command": lambda n: raw.send_json({"type": "engine_command", "message_id": f"e{n}",
+                                                               "data": {"session_id": "s", "command": n}}),
+                    "answer": lambda n: raw.send_json({"type": "server_pong", "message_id": f"a{n}", "data": {}}),
+                }
+                for n, kind in enumerate(kinds):
+                    await frames[kind](n)
+                    if raw.broken:
+                        break
+                messages = await raw.messages_until_close()
+                assert raw.close_code in (code, None)
+                assert not [m for m in messages if not m.get("server_initiated")], messages
+                with anyio.fail_after(5):
+                    await connection.closed.wait()
+                await wait_registries_empty(live.runtime)
+
+    portal.call(play)
+
+
+@FLOODS
+@given(st.lists(st.tuples(st.integers(min_value=0, max_value=3), st.integers(min_value=1, max_value=20_000)),
+                min_size=5, max_size=40))
+def test_queue_floods(portal: BlockingPortal, shapes: list[tuple[int, int]]) -> None:
+    """Commands of every shape and size queued behind one that waits for the user: each is answered
+    (queued, then completed, or TOO_MANY_REQUESTS at once), and what the queue holds never passes
+    max_inflight_requests or max_inflight_bytes (plus the one request always admitted)."""
+    limit_bytes, limit_requests = 2 * 1024 * 1024, 16
+
+    def payload(shape: int, size: int) -> Any:
+        if shape == 0:
+            return [[] for _ in range(size)]
+        if shape == 1:
+            return {f"k{i}": {} for i in range(size // 4)}
+        if shape == 2:
+            return "x" * size * 4
+        return [[[i]] for i in range(size // 2)]
+
+    async def play() -> None:
+        app = flood_app(max_inflight_bytes=limit_bytes, max_inflight_requests=limit_requests)
+        with error_trap():
+            async with serve(app, ws_ping_interval=None) as live, connect(live.ws_url, rate_limit_retries=0) as c:
+                connection = live.runtime.hub.get(c.app_id)
+                assert connection is not None
+
+                @c.on_user_input
+                async def later(message: Any) -> str:
+                    await anyio.sleep_forever()
+                    raise AssertionError("unreachable")
+
+                session_id = await c.create_session()
+                await c.request("create_engine", {"session_id": session_id, "engine_type": "asking"})
+                await c.send("engine_command", {"session_id": session_id, "command": {"ask": 1}}, message_id="ask")
+                await live.eventually(lambda: "ask" in connection.in_flight)
+                biggest = 0
+                for n, (shape, size) in enumerate(shapes):
+                    body = payload(shape, size)
+                    biggest = max(biggest, len(msgspec.json.encode(body)) * 30)
+                    await c.send("engine_command", {"session_id": session_id, "command": body}, message_id=f"q{n}")
+                    assert len(connection.in_flight) <= limit_requests
+                    assert connection.in_flight_bytes <= limit_bytes + biggest
+                sent = {f"q{n}" for n in range(len(shapes))}
+                answered: set[str] = set()
+                await c.send("ping", {"timestamp": 0}, message_id="fence")  # dispatched after every command
+                with anyio.fail_after(10):
+                    while True:
+                        reply = await c.receive()
+                        if reply.message_id == "fence":
+                            break
+                        if reply.type == "error":
+                            assert reply.data["code"] == "TOO_MANY_REQUESTS", reply
+                            answered.add(reply.message_id or "")
+                        elif reply.type == "engine_command_res":
+                            pytest.fail(f"a command queued behind the question ran: {reply}")
+                queued = set(connection.in_flight) - {"ask"}
+                assert answered | queued == sent and not answered & queued
+            await wait_registries_empty(live.runtime)
+
+    portal.call(play)
 
 
 def test_registries_return_to_the_baseline(rig: Rig) -> None:

@@ -175,6 +175,32 @@ async def test_queued_engine_commands_are_bounded_by_their_decoded_size(make_app
         assert len(connection.in_flight) < 8
 
 
+async def test_a_request_past_the_byte_budget_is_refused_before_it_is_decoded(make_app: Any) -> None:
+    """Decoding is the expensive part (~70 ms and ~25 MiB for 1 MiB of ``[[],[],…]``): a big frame the
+    in-flight budget cannot take is refused from its envelope alone — even an invalid one gets
+    TOO_MANY_REQUESTS, not the VALIDATION_ERROR decoding would have found."""
+    async with serve(asking_app(make_app, max_inflight_bytes=1024 * 1024)) as server, \
+            connect(server.ws_url, rate_limit_retries=0) as client:
+        connection = server.runtime.hub.get(client.app_id)
+        assert connection is not None
+
+        @client.on_user_input
+        async def walk_away(request: Any) -> str:
+            await anyio.sleep_forever()
+            raise AssertionError("unreachable")
+
+        session_id = await client.create_session()
+        await client.create_engine(session_id, "asking")
+        await client.send("engine_command", {"session_id": session_id, "command": {"ask": True}}, message_id="asks")
+        await server.eventually(lambda: "asks" in connection.in_flight)
+        nested = [[] for _ in range(300_000)]
+        with pytest.raises(RequestError) as error:
+            await client.request("engine_command", {"session_id": 5, "command": nested}, message_id="bad", timeout=5)
+        assert error.value.code == "TOO_MANY_REQUESTS"
+        assert error.value.details["request_bytes"] > 1024 * 1024
+        await client.request("ping", {"timestamp": "x" * 5000})  # inline: never refused for the budget
+
+
 async def test_cleanup_keeps_its_deadline_when_user_code_cannot_be_cancelled(make_app: Any) -> None:
     """A command blocked in a thread cannot be cancelled: cleanup abandons it after engine_stop_timeout
     instead of keeping the connection, session, engine and address slot registered until it returns."""

@@ -365,6 +365,8 @@ async def test_every_server_frame_of_a_real_session_matches_the_schema() -> None
         assert (await call(ws, "close_session", {"session_id": session_id}))["type"] == "close_session_res"
         assert (await call(ws, "status", {"session_id": session_id}))["type"] == "error"
         await receive(ws, lambda f: f["type"] == "server_ping")
+        resume = await call(ws, "resume", {"app_id": "none", "resume_token": "none", "last_seq": 0})
+        assert resume["data"]["reason"] == "unknown"
     assert set(seen) == set(SERVER_MESSAGES) | {"translate_res"}, set(SERVER_MESSAGES) - set(seen)
 
 

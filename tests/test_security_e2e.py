@@ -6,6 +6,7 @@ import base64
 import contextlib
 import json
 import logging
+import re
 import time
 from typing import Any
 
@@ -496,3 +497,17 @@ async def test_plain_uvicorn_proxy_headers_cannot_spread_one_client_over_many_ad
         assert refused.value.status_code == 429
         assert {c.client_ip for c in server.runtime.hub} == {"forwarded-unverified"}
     assert len([r for r in caplog.records if "X-Forwarded-For" in r.getMessage()]) == 1
+
+
+async def test_audit_lines_cannot_be_forged_through_a_header(make_app: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """A client-supplied value with spaces and '=' is quoted in the text line: an Origin header cannot
+    pass for other fields (``outcome=accepted user_id=admin``)."""
+    caplog.set_level(logging.INFO, "llmgine_ws.audit")
+    async with serve(make_app()) as server:
+        status = await _upgrade_status(server.port, f"127.0.0.1:{server.port}", "x outcome=accepted user_id=admin")
+    assert b"403" in status
+    [record] = audit_records(caplog, "handshake_refused")
+    line = record.getMessage()
+    assert 'origin="x outcome=accepted user_id=admin"' in line
+    fields = re.findall(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)', line)
+    assert [key for key, _ in fields].count("outcome") == 0 and "user_id" not in dict(fields)

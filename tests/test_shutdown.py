@@ -51,6 +51,7 @@ async def stderr_of(process: Process) -> str:
 async def test_sigterm_drains_running_work_then_closes_with_1001() -> None:
     async with server_process(LLMGINE_API_DRAIN_TIMEOUT="20") as (process, port):
         url = f"ws://127.0.0.1:{port}/api/ws"
+        # resume=False: a resuming client would try to come back after the 1001 (see docs/resume.md)
         async with connect(url, open_timeout=20, resume=False) as client, \
                 httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
             assert (await http.get("/health/ready")).status_code == 200
@@ -70,7 +71,7 @@ async def test_sigterm_drains_running_work_then_closes_with_1001() -> None:
             # While draining: not ready, no new connections, no new work; the running request lives on.
             assert (await http.get("/health/ready")).status_code == 503
             with pytest.raises(HandshakeRejected) as refused:
-                async with connect(url, resume=False):
+                async with connect(url):
                     pass
             assert refused.value.status_code == 503
             with pytest.raises(RequestError) as error:
@@ -95,7 +96,7 @@ async def test_shutdown_is_bounded_with_a_hanging_engine_and_a_client_that_stopp
            "LLMGINE_API_ENGINE_STOP_TIMEOUT": "0.5", "LLMGINE_API_SEND_GRACE": "0.5"}
     async with server_process(**env) as (process, port):
         url = f"ws://127.0.0.1:{port}/api/ws"
-        async with connect(url, open_timeout=20, resume=False) as engine_user:
+        async with connect(url, open_timeout=20, resume=False) as engine_user:  # ends with the 1001
             session_id = await engine_user.create_session()
             await engine_user.request("create_engine", {"session_id": session_id, "engine_type": "hang"})
             await engine_user.send("engine_command", {"session_id": session_id, "command": {}})

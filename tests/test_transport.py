@@ -232,3 +232,25 @@ async def test_the_cli_logs_no_query_token_and_no_error_for_refusals() -> None:
     assert "token=<redacted>" in text
     assert token.split(".")[-1] not in text
     assert " ERROR " not in text and "Traceback" not in text, text
+
+
+async def test_a_client_that_floods_past_the_close_frame_is_cut_off(make_app: Any) -> None:
+    """After the server's close frame, more than a frame's worth of data instead of the close reply ends
+    the connection (each byte read now would be parsed only to be discarded)."""
+    limits = TransportLimits(close_timeout=60)  # only the flood can end it in time
+    batch = build_frame(OP_TEXT, b'{"type":"ping","message_id":"p","data":{}}') * 2000
+    async with guarded(make_app, limits) as server, raw_connect(server.ws_url) as raw:
+        [protocol] = ws_protocols(server)
+        [connection] = list(server.runtime.hub)
+        connection.force_close(1008, "test")
+        await until(lambda: protocol.close_sent)
+        sent = 0
+        with anyio.fail_after(10):
+            try:
+                while True:
+                    await raw.stream.send(batch)
+                    sent += len(batch)
+            except (anyio.BrokenResourceError, OSError):
+                pass
+        assert protocol.disconnected
+        assert sent < 64 * 1024 * 1024

@@ -170,6 +170,7 @@ def test_full_stack_under_each_backend(anyio_backend: str) -> None:
         ws.send_json({"type": "server_response", "message_id": request["message_id"],
                       "data": {"response_type": "user_input", "user_input": anyio_backend}})
         reply = ws.receive_json()
+        assert isinstance(reply.pop("seq"), int)  # every frame after connected carries one (resume)
         assert reply == {"type": "greet_res", "message_id": "g1", "data": {"hello": anyio_backend}}
         ws.send_json({"type": "status", "message_id": "s1", "data": {"session_id": session_id}})
         assert ws.receive_json()["data"]["session_id"] == session_id

@@ -116,7 +116,7 @@ class TokenCoalescer:
     def commit(self) -> None:
         """The frame :meth:`batch` returned was sent: its deltas are no longer pending."""
         self.deltas += len(self._pending)
-        self._pending = []
+        self._pending.clear()  # the same list again: no new object for the collector per batch
         self._pending_chars = 0
         self.seq += 1
 

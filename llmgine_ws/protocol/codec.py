@@ -124,6 +124,17 @@ class MessageDecoder:
         """Decode one frame; raises ``msgspec.DecodeError`` or ``RecursionError`` on bad input."""
         return self._decoder.decode(text)
 
+    def envelope(self, text: str) -> tuple[str, str] | None:
+        """The ``type`` and ``message_id`` of a frame, read without decoding its ``data`` (which is only
+        skipped over); None unless both are readable strings."""
+        try:
+            envelope = self._lenient.decode(text)
+        except (msgspec.DecodeError, RecursionError):
+            return None
+        if not isinstance(envelope.type, str) or not _readable_id(envelope.message_id):
+            return None
+        return envelope.type, envelope.message_id
+
     def explain(self, text: str | bytes, exc: BaseException) -> tuple[str | None, ProtocolError]:
         """Classify a failed decode: returns (the request's message_id if readable, the error)."""
         try:

@@ -67,16 +67,65 @@ class EngineCommandData(msgspec.Struct, frozen=True, kw_only=True):
     command: Any = None
 
 
+class AckData(msgspec.Struct, frozen=True):
+    """``ack``: the client has every server frame up to ``seq`` (cumulative). No answer.
+
+    A client opts in to resume by acking (its first ``ack`` may be ``seq`` 0)."""
+
+    seq: Annotated[int, msgspec.Meta(ge=0)]
+
+
+class ResumeData(msgspec.Struct, frozen=True, kw_only=True):
+    """``resume``, the first message on a new connection: take over the app ``app_id`` whose socket
+    dropped, replaying the frames after ``last_seq``."""
+
+    app_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    resume_token: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    last_seq: Annotated[int, msgspec.Meta(ge=0)]
+
+
 # --------------------------------------------------------------------------------------------
 # Server → client
 # --------------------------------------------------------------------------------------------
 
 
-class ConnectedData(msgspec.Struct, frozen=True):
-    """``connected``: the id the server assigned to this connection."""
+class ConnectedData(msgspec.Struct, frozen=True, kw_only=True):
+    """``connected``: the id the server assigned to this connection and, when resume is on, the token
+    and window (seconds) to resume it after a drop."""
 
     app_id: str
     status: Literal["connected"] = "connected"
+    resume_token: str | msgspec.UnsetType = msgspec.UNSET
+    resume_window: float | msgspec.UnsetType = msgspec.UNSET
+
+
+class ResumeEngineInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """The engine of a resumed session."""
+
+    engine_id: str
+    engine_type: str
+    status: str
+
+
+class ResumedSession(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One session of a resumed app (``engine`` only when it has one)."""
+
+    session_id: str
+    status: str
+    engine: ResumeEngineInfo | None = None
+
+
+class ResumeResData(msgspec.Struct, frozen=True, kw_only=True):
+    """``resume_res`` (no ``seq``): on success the resumed app, its new token, how many frames follow
+    (``replayed``) and its sessions; on failure ``reason`` and the new connection's own app."""
+
+    resumed: bool
+    app_id: str
+    resume_token: str | msgspec.UnsetType = msgspec.UNSET
+    """Absent only when resume is off (``reason: disabled``)."""
+    replayed: int | msgspec.UnsetType = msgspec.UNSET
+    sessions: list[ResumedSession] | msgspec.UnsetType = msgspec.UNSET
+    reason: Literal["unknown", "expired", "gap", "disabled"] | msgspec.UnsetType = msgspec.UNSET
 
 
 class PingResData(msgspec.Struct, frozen=True):

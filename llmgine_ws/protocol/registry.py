@@ -77,6 +77,11 @@ CORE_CLIENT_MESSAGES: Mapping[str, ClientMessageSpec] = _table(
                       "engine_command_res", streams=("engine_event",)),
     ClientMessageSpec("delete_engine", m.SessionRef, "Stop and delete the session's engine; the session stays.",
                       "delete_engine_res"),
+    ClientMessageSpec("ack", m.AckData, "The client has every server frame up to data.seq (opts in to resume).",
+                      None, while_draining=True),
+    ClientMessageSpec("resume", m.ResumeData,
+                      "First message on a new connection: take over a dropped app and replay what it missed.",
+                      "resume_res", while_draining=True),
 )
 """Every core client message, by ``type``."""
 
@@ -105,6 +110,8 @@ CORE_SERVER_MESSAGES: Mapping[str, ServerMessageSpec] = _table(
     ServerMessageSpec("cancel_res", m.CancelResData,
                       "Answer to cancel: whether the target was still running and got cancelled.", False),
     ServerMessageSpec("delete_engine_res", m.DeleteEngineResData, "Answer to delete_engine.", False),
+    ServerMessageSpec("resume_res", m.ResumeResData,
+                      "Answer to resume (no seq): resumed, or why not; the replay follows a success.", False),
 )
 """Every core server message, by ``type``."""
 
@@ -119,4 +126,5 @@ RESERVED_MESSAGE_TYPES = frozenset(CORE_CLIENT_MESSAGES) | frozenset(CORE_SERVER
 """Names a custom message may not take."""
 
 ANSWERS = frozenset(name for name, spec in CORE_CLIENT_MESSAGES.items() if spec.reply is None)
-"""Client messages that answer the server's own requests (``server_response``, ``server_pong``)."""
+"""Client messages that get no reply (only an ``error`` may come back): the answers to the server's own
+requests (``server_response``, ``server_pong``) and ``ack``."""

@@ -5,6 +5,22 @@
 /** The subprotocol to offer (the server selects it). */
 export type Subprotocol = "llmgine.v1";
 
+/**
+ * `ack`: the client has every server frame up to `seq` (cumulative). No answer.
+ *
+ * A client opts in to resume by acking (its first `ack` may be `seq` 0).
+ */
+export interface AckData {
+  seq: number;
+}
+
+/** `ack`: The client has every server frame up to data.seq (opts in to resume). */
+export interface AckMessage {
+  type: "ack";
+  message_id: string;
+  data: AckData;
+}
+
 /** `cancel`: the message_id of one of this connection's requests still being handled. */
 export interface CancelData {
   target_message_id: string;
@@ -50,10 +66,15 @@ export interface CloseSessionResMessage {
   data: CloseSessionResData;
 }
 
-/** `connected`: the id the server assigned to this connection. */
+/**
+ * `connected`: the id the server assigned to this connection and, when resume is on, the token
+ * and window (seconds) to resume it after a drop.
+ */
 export interface ConnectedData {
   app_id: string;
   status?: "connected";
+  resume_token?: string;
+  resume_window?: number;
 }
 
 /** `connected`: First message of every connection: the app_id the server assigned to it. */
@@ -249,6 +270,57 @@ export interface PingResMessage {
   data: PingResData;
 }
 
+/**
+ * `resume`, the first message on a new connection: take over the app `app_id` whose socket
+ * dropped, replaying the frames after `last_seq`.
+ */
+export interface ResumeData {
+  app_id: string;
+  resume_token: string;
+  last_seq: number;
+}
+
+/** The engine of a resumed session. */
+export interface ResumeEngineInfo {
+  engine_id: string;
+  engine_type: string;
+  status: string;
+}
+
+/** `resume`: First message on a new connection: take over a dropped app and replay what it missed. */
+export interface ResumeMessage {
+  type: "resume";
+  message_id: string;
+  data: ResumeData;
+}
+
+/**
+ * `resume_res` (no `seq`): on success the resumed app, its new token, how many frames follow
+ * (`replayed`) and its sessions; on failure `reason` and the new connection's own app.
+ */
+export interface ResumeResData {
+  resumed: boolean;
+  app_id: string;
+  resume_token?: string;
+  replayed?: number;
+  sessions?: ResumedSession[];
+  reason?: "disabled" | "expired" | "gap" | "unknown";
+}
+
+/** `resume_res`: Answer to resume (no seq): resumed, or why not; the replay follows a success. */
+export interface ResumeResMessage {
+  type: "resume_res";
+  message_id: string;
+  data: ResumeResData;
+}
+
+/** One session of a resumed app (`engine` only when it has one). */
+export interface ResumedSession {
+  session_id: string;
+  status: string;
+  engine?: ResumeEngineInfo | null;
+}
+
 /** `server_ping`: the client answers with `server_pong` echoing `timestamp`. */
 export interface ServerPingData {
   timestamp: string;
@@ -378,10 +450,10 @@ export interface UserInputResponse {
 }
 
 /** Any message a client sends. */
-export type ClientMessage = PingMessage | CreateSessionMessage | StatusMessage | CloseSessionMessage | ServerResponseMessage | ServerPongMessage | CancelMessage | CreateEngineMessage | EngineCommandMessage | DeleteEngineMessage;
+export type ClientMessage = PingMessage | CreateSessionMessage | StatusMessage | CloseSessionMessage | ServerResponseMessage | ServerPongMessage | CancelMessage | CreateEngineMessage | EngineCommandMessage | DeleteEngineMessage | AckMessage | ResumeMessage;
 
 /** Any message the server sends. */
-export type ServerMessage = ConnectedMessage | PingResMessage | CreateSessionResMessage | StatusResMessage | CloseSessionResMessage | ErrorMessage | ServerPingMessage | ServerRequestMessage | ServerRequestCancelledMessage | NotificationMessage | CreateEngineResMessage | EngineEventMessage | EngineCommandResMessage | CancelResMessage | DeleteEngineResMessage;
+export type ServerMessage = ConnectedMessage | PingResMessage | CreateSessionResMessage | StatusResMessage | CloseSessionResMessage | ErrorMessage | ServerPingMessage | ServerRequestMessage | ServerRequestCancelledMessage | NotificationMessage | CreateEngineResMessage | EngineEventMessage | EngineCommandResMessage | CancelResMessage | DeleteEngineResMessage | ResumeResMessage;
 
 /** The payload (`data`) of each client message, by `type`. */
 export interface ClientMessageData {
@@ -395,6 +467,8 @@ export interface ClientMessageData {
   create_engine: CreateEngineData;
   engine_command: EngineCommandData;
   delete_engine: SessionRef;
+  ack: AckData;
+  resume: ResumeData;
 }
 
 /** The payload (`data`) of each server message, by `type`. */
@@ -414,6 +488,7 @@ export interface ServerMessageData {
   engine_command_res: EngineCommandResData;
   cancel_res: CancelResData;
   delete_engine_res: DeleteEngineResData;
+  resume_res: ResumeResData;
 }
 
 /** The reply `type` of each client message (an `error` may come instead). */
@@ -428,6 +503,8 @@ export interface ResponseTypes {
   create_engine: "create_engine_res";
   engine_command: "engine_command_res";
   delete_engine: "delete_engine_res";
+  ack: never;
+  resume: "resume_res";
 }
 
 /** Server message types that carry `server_initiated: true`. */
