@@ -187,12 +187,14 @@ class ServerProcess:
                 time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 
     def stop(self) -> None:
-        """SIGTERM the child (SIGKILL after 10 s) and report anything it wrote to stderr."""
+        """SIGTERM the child (SIGKILL after ``BENCH_STOP_TIMEOUT`` s, 10 by default) and report anything
+        it wrote to stderr. Plain uvicorn (no graceful-shutdown timeout) waits for a client that stopped
+        reading, so a server of a stalled-client run always takes the whole wait."""
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(timeout=10)
+                proc.wait(timeout=float(os.environ.get("BENCH_STOP_TIMEOUT", "10")))
             except subprocess.TimeoutExpired:
                 pass
             finally:  # timed out, or interrupted (a second Ctrl-C): never leave the child behind

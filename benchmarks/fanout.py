@@ -217,7 +217,11 @@ async def level_round(args: argparse.Namespace, n: int, server_round: int,
         await asyncio.gather(*(ws.close() for ws in bare.clients[n // 2:]))
         del bare.clients[n // 2:]
         await add_clients(bare, n - n // 2, stall_at=0)
-        flooded = await bare.post("/flood", {"app_id": bare.stalled_client.app_id, "size": 16384, "seconds": 10})
+        # The bare app's flood blocks at the stalled socket until its deadline (and holds up the
+        # server's exit as long): long enough to fill the socket's buffers, no longer than needed.
+        flood_seconds = min(10.0, max(1.0, 2 * args.stalled_bare_timeout))
+        flooded = await bare.post("/flood", {"app_id": bare.stalled_client.app_id, "size": 16384,
+                                             "seconds": flood_seconds})
         seq += 1
         elapsed, arrived, _ = await broadcast_once(bare, seq, args.pad, args.stalled_bare_timeout)
         level["bare+stall"] = {"completed": elapsed is not None, "received": arrived, "of": n,

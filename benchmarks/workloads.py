@@ -29,6 +29,8 @@ class Incoming(msgspec.Struct):
     type: str
     message_id: str | None = None
     data: msgspec.Raw = msgspec.Raw(b"null")
+    seq: int = 0
+    """The frame's sequence number (resume; 0 for ``connected`` and servers without it)."""
 
 
 class TimestampData(msgspec.Struct):
@@ -227,3 +229,87 @@ class Answer(msgspec.Struct):
 
 
 _BENCH_ANSWER = AnswerData("bench")
+
+
+ACK_EVERY = 64
+"""How often the acking workloads ack: every this many frames (what the Python client does)."""
+
+
+class _Acker:
+    """Cumulative acks every :data:`ACK_EVERY` frames (the first one, ``seq`` 0, opts in to resume)."""
+
+    __slots__ = ("last", "pending")
+
+    def __init__(self) -> None:
+        self.last = 0
+        self.pending = 0
+
+    async def start(self, ws: ClientConnection) -> None:
+        await ws.send(_encode(Reply("ack", "ack", {"seq": 0})), text=True)
+
+    async def saw(self, ws: ClientConnection, msg: Incoming) -> None:
+        if msg.seq:
+            self.last = msg.seq
+            self.pending += 1
+            if self.pending >= ACK_EVERY:
+                self.pending = 0
+                await ws.send(_encode(Reply("ack", "ack", {"seq": self.last})), text=True)
+
+
+class AckingPingWorkload(PingWorkload):
+    """:class:`PingWorkload` from a client that acks every 64 frames (a resuming client)."""
+
+    name = "ping+ack"
+
+    async def run(self, ws: ClientConnection, ctx: ConnContext) -> int:
+        window = ctx.window
+        data = TimestampData(self.timestamp)
+        acker = _Acker()
+        await acker.start(ws)
+        seq = 0
+        completed = 0
+        while not window.over():
+            seq += 1
+            message_id = str(seq)
+            await ws.send(_encode(Outgoing("ping", message_id, data)), text=True)
+            while True:
+                raw = await ws.recv(decode=False)
+                msg = _decode(raw)
+                await acker.saw(ws, msg)
+                if msg.message_id == message_id and msg.type != "server_ping":
+                    break
+            if msg.type != "ping_res":
+                raise LoadError(f"unexpected reply to ping {message_id}: {bytes(raw)[:200]!r}")
+            if window.measuring():
+                completed += 1
+        return completed
+
+
+class AckingEngineStreamWorkload(EngineStreamWorkload):
+    """:class:`EngineStreamWorkload` from a client that acks every 64 frames (a resuming client)."""
+
+    name = "engine-stream+ack"
+
+    async def run(self, ws: ClientConnection, ctx: ConnContext) -> int:
+        window = ctx.window
+        session_id = self._sessions[ctx.index]
+        acker = _Acker()
+        await acker.start(ws)
+        received = 0
+        command = 0
+        while not window.over():
+            command += 1
+            message_id = f"c{command}"
+            data: dict[str, object] = {"session_id": session_id, "command": {"n": self.events}}
+            await ws.send(_encode(Reply("engine_command", message_id, data)), text=True)
+            while True:
+                msg = _decode(await ws.recv(decode=False))
+                await acker.saw(ws, msg)
+                if msg.type == "engine_event":
+                    if window.measuring():
+                        received += 1
+                elif msg.message_id == message_id:
+                    if msg.type != "engine_command_res":
+                        raise LoadError(f"unexpected reply to {message_id}: {bytes(msg.data)[:200]!r}")
+                    break
+        return received

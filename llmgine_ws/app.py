@@ -13,7 +13,7 @@ from starlette.websockets import WebSocket
 
 from .auth import Authenticator
 from .backplane import Backplane
-from .backplane.cluster import build_router
+from .backplane.cluster import ClusterRouter, build_router
 from .config import APIConfig
 from .endpoint import MessageEndpoint
 from .extensions import Extensions
@@ -47,8 +47,12 @@ def create_app(
     config = APIConfig.from_env() if config is None else config
     hub = Hub()
     sessions = SessionStore(config.max_sessions)
+    router = build_router(config, hub, sessions, backplane)
     runtime = Runtime(config, Extensions() if extensions is None else extensions, hub=hub, sessions=sessions,
-                      message_router=build_router(config, hub, sessions, backplane), authenticator=authenticator)
+                      message_router=router, authenticator=authenticator)
+    if isinstance(router, ClusterRouter):
+        router.bind_resume(runtime.resumer, runtime.dispatcher, ping_interval=config.ping_interval,
+                           missed_pongs=config.missed_pongs, encoder=runtime.encoder)  # resume across nodes
     routes: list[BaseRoute] = [
         WebSocketRoute(config.ws_path, MessageEndpoint(runtime)),
         *StatusRoutes(runtime).routes(),

@@ -10,12 +10,13 @@ import asyncio
 import logging
 import math
 import time
-from collections import deque
-from collections.abc import Callable, Coroutine
+from collections import OrderedDict, deque
+from collections.abc import Callable, Coroutine, Iterable
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
+import anyio.abc
 import anyio.lowlevel
 from anyio.abc import TaskGroup
 
@@ -23,7 +24,7 @@ from .audit import AuditLog
 from .errors import AppDisconnected, ErrorCode, ProtocolError
 from .lifecycle import LazyEvent
 from .outbox import Outbox, OutboxClosed
-from .protocol import AnswerCheck, utcnow
+from .protocol import AnswerCheck, FrameEncoder, ServerPingData, new_message_id, utcnow
 from .replay import ResumeState
 from .security import RateLimiter, TokenBucket
 
@@ -35,6 +36,8 @@ WS_POLICY_VIOLATION = 1008
 WS_MESSAGE_TOO_BIG = 1009
 WS_INTERNAL_ERROR = 1011
 WS_TRY_AGAIN_LATER = 1013
+WS_SERVICE_RESTART = 1012
+"""Closes a resumable app's socket on a draining node of a cluster: resume on another node."""
 WS_SUPERSEDED = 4000
 """Closes a socket whose app was resumed on a newer one (the half-open case)."""
 
@@ -55,7 +58,20 @@ class CloseRequest:
         self.reason = reason
 
 
+class DetachRequest(CloseRequest):
+    """Queued behind earlier frames when the socket should go after them but the app stay (drain)."""
+
+    __slots__ = ()
+
+
 OutboundItem = str | CloseRequest
+
+
+class Proxy(Protocol):
+    """What a socket does with its client's frames when it serves an app of another node."""
+
+    async def forward(self, text: str) -> None:
+        """Send one client frame to the app's node (waits while the backplane is busy)."""
 
 
 class Link:
@@ -67,11 +83,15 @@ class Link:
 
     __slots__ = ("app", "close_code", "close_reason", "lost", "preamble", "released", "task_group")
 
+    remote = False
+    """True for a link whose socket is on another node of the cluster (no endpoint here cleans up)."""
+
     def __init__(self, app: Connection) -> None:
         self.app = app
         """The app this socket serves right now."""
-        self.preamble: deque[str] = deque()
-        """Frames the writer sends before the app's outbox (a resume's ``resume_res`` and replay)."""
+        self.preamble: deque[str] | None = None
+        """Frames the writer sends before the app's outbox (a resume's ``resume_res`` and replay);
+        made by :meth:`add_preamble` (an idle socket keeps no empty deque)."""
         self.close_code: int | None = None
         self.close_reason = ""
         self.lost = False
@@ -87,6 +107,12 @@ class Link:
         self.lost = self.lost or lost
         if self.task_group is not None:
             self.task_group.cancel_scope.cancel()
+
+    def add_preamble(self, frames: Iterable[str]) -> None:
+        """Queue ``frames`` for the writer, before anything in the app's outbox."""
+        if self.preamble is None:
+            self.preamble = deque()
+        self.preamble.extend(frames)
 
 
 class PendingRequest:
@@ -173,6 +199,49 @@ _FOREVER = 10.0 ** 9
 class Connection:
     """Everything the server knows about one connected app."""
 
+    # Slotted: with 35 attributes an instance's __dict__ no longer shares its keys with the others
+    # (CPython shares up to 30), and each connection paid ~1.5 KB for its own (docs/performance.md).
+    __slots__ = (
+        "__weakref__",  # what tracks connections (tests/test_churn.py) holds weak references
+        "_audit",
+        "_backlog",
+        "_backlog_bytes",
+        "_idle",
+        "_on_change",
+        "_queue_bytes",
+        "_queue_size",
+        "_request_costs",
+        "_send_grace",
+        "_task_group",
+        "_waiting_tasks",
+        "app_id",
+        "client_ip",
+        "close_code",
+        "close_reason",
+        "closed",
+        "closing",
+        "connected_at",
+        "detached",
+        "flushing",
+        "in_flight",
+        "in_flight_bytes",
+        "last_activity",
+        "link",
+        "on_link_lost",
+        "on_overflow",
+        "outbox",
+        "pending",
+        "principal",
+        "proxy",
+        "rate_limit_noted",
+        "rate_limiter",
+        "resume",
+        "session_ids",
+        "start_task_group",
+        "unanswered_pings",
+        "user_rate_limiter",
+    )  # weak references: what tracks connections (tests/test_churn.py) needs them
+
     def __init__(
         self,
         app_id: str,
@@ -223,6 +292,11 @@ class Connection:
         """Frames from code that must not wait, behind a full outbox (drained by one task in order)."""
         self._backlog_bytes = 0
         self._task_group: TaskGroup | None = None
+        self._waiting_tasks: list[tuple[Callable[..., Coroutine[Any, Any, Any]], tuple[Any, ...]]] | None = None
+        """Tasks spawned before the app's task group was up (they start in it, in order)."""
+        self.start_task_group: Callable[[Connection], None] | None = None
+        """Starts the app's task group on demand (the runtime sets it): most apps never run a task of
+        their own (inline handlers, no engine), so the group is made when the first task needs it."""
         self.resume: ResumeState | None = None
         """Sequence numbers and the replay buffer (None: frames take no ``seq``, e.g. in unit tests)."""
         self.link: Link | None = None
@@ -233,6 +307,9 @@ class Connection:
         """Detaches a resumable app whose link failed (True if it did); set by the resume coordinator."""
         self.on_overflow: Callable[[Connection], None] | None = None
         """Ends a detached app whose replay buffer overflowed; set by the resume coordinator."""
+        self.proxy: Proxy | None = None
+        """Set once this connection's socket serves an app of another node (a cluster resume): its
+        client's frames go there, and that node's frames come back into :attr:`outbox` unstamped."""
 
     @property
     def user_id(self) -> str | None:
@@ -300,17 +377,38 @@ class Connection:
         self.force_close(code, reason, **details)
 
     def attach(self, task_group: TaskGroup) -> None:
-        """Bind the task group that runs this connection's writer, handlers and timers."""
+        """Bind the task group that runs this connection's handlers and timers; tasks spawned while
+        it was being started run in it now (and are cancelled at once when the app closed meanwhile)."""
         self._task_group = task_group
+        waiting, self._waiting_tasks = self._waiting_tasks, None
+        for func, args in waiting or ():
+            task_group.start_soon(func, *args)
+        if self.closing:
+            task_group.cancel_scope.cancel()
 
     def spawn(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> bool:
         """Run ``func(*args)`` in this connection's task group; False if the connection is gone.
 
-        Whatever runs here is cancelled when the connection closes, so it can never outlive it.
+        Whatever runs here is cancelled when the connection closes, so it can never outlive it. The
+        group is started by the first task that needs it (:attr:`start_task_group`).
         """
-        if self._task_group is None or self.closing:
+        if self.closing:
             return False
-        self._task_group.start_soon(func, *args)
+        task_group = self._task_group
+        if task_group is not None:
+            task_group.start_soon(func, *args)
+            return True
+        if self._waiting_tasks is not None:  # the group is starting
+            self._waiting_tasks.append((func, args))
+            return True
+        if self.start_task_group is None:
+            return False
+        self._waiting_tasks = [(func, args)]
+        try:
+            self.start_task_group(self)
+        except RuntimeError:  # nowhere to run it any more (the lifespan is over)
+            self._waiting_tasks = None
+            return False
         return True
 
     def begin_request(self, message_id: str, limit: int, cost: int = 0, byte_limit: int = 0) -> anyio.CancelScope:
@@ -494,3 +592,100 @@ class Connection:
 
     def __repr__(self) -> str:
         return f"Connection({self.app_id!r})"
+
+
+async def keep_alive(link: Link, interval: float, allowed_misses: int, encoder: FrameEncoder) -> None:
+    """Ping the client of ``link`` every ``interval`` seconds; after ``allowed_misses`` unanswered pings
+    in a row the link is dropped (a resumable app is detached, the socket likely half-open; any other
+    is closed with 1011). Runs until the link stops serving its app (or is cancelled with it)."""
+    while True:
+        await anyio.sleep(interval)
+        connection = link.app
+        if connection.proxy is not None:
+            continue  # the app's own node sequences its frames (and pings): nothing from here
+        if link.remote and connection.link is not link:
+            return  # a remote link that was superseded, detached or closed
+        if len(connection.unanswered_pings) >= allowed_misses:
+            connection.drop_link(WS_INTERNAL_ERROR, "server pings unanswered", missed=len(connection.unanswered_pings))
+            return
+        message_id = new_message_id()
+        connection.unanswered_pings[message_id] = time.monotonic()
+        try:
+            await connection.send(encoder.frame("server_ping", message_id, ServerPingData(timestamp=utcnow()),
+                                                server_initiated=True))
+        except AppDisconnected:
+            return
+
+
+class KeepAlive:
+    """One task pings every socket of the app (instead of a task per socket).
+
+    A schedule, sans I/O apart from :meth:`run`'s sleeps: each link is due ``interval`` seconds after it
+    was added, then every ``interval`` seconds, as with a task per link. Every link has the same
+    interval, so the schedule stays in due order with a link appended when added and moved to the end
+    when pinged; :meth:`run` sleeps until the first one is due. After ``allowed_misses`` unanswered
+    pings in a row the link is dropped (a resumable app is detached, the socket likely half-open; any
+    other is closed with 1011).
+    """
+
+    __slots__ = ("_added", "_due", "allowed_misses", "encoder", "interval")
+
+    def __init__(self, interval: float, allowed_misses: int, encoder: FrameEncoder) -> None:
+        self.interval = interval
+        self.allowed_misses = allowed_misses
+        self.encoder = encoder
+        self._due: OrderedDict[Link, float] = OrderedDict()
+        self._added: anyio.Event | None = None
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+    def add(self, link: Link) -> None:
+        """Ping ``link``'s client from ``interval`` seconds on (until :meth:`discard`)."""
+        self._due[link] = anyio.current_time() + self.interval
+        if self._added is not None:
+            self._added.set()
+            self._added = None
+
+    def discard(self, link: Link) -> None:
+        """Stop pinging ``link`` (its socket is gone)."""
+        self._due.pop(link, None)
+
+    def ping(self, link: Link) -> bool:
+        """Ping ``link``'s client once (or drop the link: too many pings unanswered); False when the
+        link needs no more pings."""
+        connection = link.app
+        if connection.proxy is not None:
+            return True  # the app's own node sequences its frames (and pings): nothing from here
+        if connection.link is not link and link.remote:
+            return False  # a remote link that was superseded, detached or closed
+        if len(connection.unanswered_pings) >= self.allowed_misses:
+            connection.drop_link(WS_INTERNAL_ERROR, "server pings unanswered", missed=len(connection.unanswered_pings))
+            return False
+        message_id = new_message_id()
+        connection.unanswered_pings[message_id] = time.monotonic()
+        # Not awaited: a full outbox puts it in the connection's backlog, which waits like send()
+        # (a client too slow for the send grace is closed with 1013).
+        return connection.send_soon(self.encoder.frame("server_ping", message_id, ServerPingData(timestamp=utcnow()),
+                                                       server_initiated=True))
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Ping every link when it is due, until cancelled."""
+        task_status.started()
+        due = self._due
+        while True:
+            if not due:
+                self._added = added = anyio.Event()
+                await added.wait()
+                continue
+            link, when = next(iter(due.items()))
+            delay = when - anyio.current_time()
+            if delay > 0:
+                await anyio.sleep(delay)  # a link added meanwhile is due later still
+                continue
+            if self.ping(link) and link in due:
+                due[link] = anyio.current_time() + self.interval
+                due.move_to_end(link)
+            else:
+                due.pop(link, None)
+            await anyio.lowlevel.checkpoint()

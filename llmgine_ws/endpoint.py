@@ -1,4 +1,5 @@
-"""The WebSocket endpoint: one reader, one writer and a keepalive per socket (its link).
+"""The WebSocket endpoint: one reader and one writer per socket (its link), pinged by the app's one
+keepalive task (:class:`~llmgine_ws.connection.KeepAlive`).
 
 The reader decodes and dispatches each frame (:mod:`llmgine_ws.dispatch`) and never waits on a
 handler; the writer is the only task that writes to the socket. They live in the link's task group;
@@ -8,7 +9,6 @@ so closing the app cancels all of them, while a dropped socket may leave a resum
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 
@@ -23,13 +23,15 @@ from .connection import (
     WS_NORMAL,
     CloseRequest,
     Connection,
+    DetachRequest,
+    KeepAlive,
     Link,
     OutboundItem,
+    keep_alive,
 )
-from .errors import AppDisconnected, ErrorCode, ProtocolError
+from .errors import ErrorCode, ProtocolError
 from .lifecycle import LazyEvent
 from .outbox import OutboxClosed
-from .protocol import ServerPingData, new_message_id, utcnow
 from .runtime import Runtime
 
 logger = logging.getLogger("llmgine_ws.endpoint")
@@ -49,9 +51,9 @@ CLOSE_FRAME_TIMEOUT = 1.0
 class MessageEndpoint:
     """The ASGI endpoint serving every WebSocket connection of one app (mounted by ``create_app``).
 
-    Each call owns one socket — its :class:`~llmgine_ws.connection.Link`: a reader, a writer and a
-    keepalive. The app the socket serves runs its own task group (handlers, engine workers) in the
-    lifespan's task group, so that a resumable app outlives its socket (docs/resume.md).
+    Each call owns one socket — its :class:`~llmgine_ws.connection.Link`: a reader and a writer
+    (the app's keepalive task pings it). The app the socket serves runs its own task group (handlers,
+    engine workers) in the lifespan's task group, so that a resumable app outlives its socket (docs/resume.md).
     """
 
     def __init__(self, runtime: Runtime) -> None:
@@ -66,58 +68,60 @@ class MessageEndpoint:
             return
         link = Link(connection)
         connection.link = link
-        apps = runtime.apps_task_group
-        if apps is not None:
-            try:
-                await apps.start(functools.partial(runtime.host_app, hosted=True), connection)
-            except RuntimeError:  # the lifespan's task group is closing: serve the app from here
-                apps = None
-            else:
-                await self._serve(link, receive, send)
-                return
-        async with anyio.create_task_group() as local:
+        if runtime.adopt(connection):  # the app's task group starts with its first task, in the lifespan's
+            await self._serve(link, receive, send, keepalive=runtime.keepalive)
+            return
+        async with anyio.create_task_group() as local:  # no lifespan: the app ends with this socket
             await local.start(runtime.host_app, connection)
+            if runtime.extensions.connection_callbacks["connect"]:
+                connection.spawn(runtime.on_connected, connection)
             await self._serve(link, receive, send)
 
-    async def _serve(self, link: Link, receive: Receive, send: Send) -> None:
+    async def _serve(self, link: Link, receive: Receive, send: Send, keepalive: KeepAlive | None = None) -> None:
         runtime = self.runtime
         async with anyio.create_task_group() as tg:
             link.task_group = tg
             writer_done = LazyEvent()
             tg.start_soon(self._write, link, send, writer_done)
-            if runtime.config.ping_interval > 0:
-                tg.start_soon(self._keepalive, link)
+            if keepalive is not None:  # the app's one pinger (in the lifespan) pings this socket too
+                keepalive.add(link)
+            elif runtime.config.ping_interval > 0:  # no lifespan: a task of this socket's own
+                tg.start_soon(keep_alive, link, runtime.config.ping_interval, runtime.config.missed_pongs,
+                              runtime.encoder)
             peer_gone = False
             ending: Connection | None = None
             try:
                 peer_gone = await self._read(link, receive)
             finally:
+                if keepalive is not None:
+                    keepalive.discard(link)
                 # An app that ends with this socket is cleaned up here once the close frame is out (its
                 # task group, cancelled, winds down meanwhile: user code that does not stop in time is
                 # abandoned, never holding cleanup up). A detached app is cleaned up by its own task.
-                with anyio.CancelScope(shield=True):
-                    app = link.app
-                    if app.link is link:
-                        if app.flushing and not peer_gone:  # the queued frames go out before the close
-                            with anyio.move_on_after(runtime.config.send_grace):
-                                await writer_done.wait()
-                        code = link.close_code if link.close_code is not None else WS_GOING_AWAY
-                        dropped = link.lost or (peer_gone and code in DROP_CODES)  # not a goodbye (1000)
-                        if app.closing or not dropped or not runtime.resumer.detach(app, code, "connection lost"):
-                            ending = app
-                            app.lose()
-                            app.close(code, link.close_reason)
+                app = link.app
+                if app.link is link:
+                    if app.flushing and not peer_gone:  # the queued frames go out before the close
+                        with anyio.CancelScope(shield=True), anyio.move_on_after(runtime.config.send_grace):
+                            await writer_done.wait()
+                    code = link.close_code if link.close_code is not None else WS_GOING_AWAY
+                    dropped = link.lost or (peer_gone and code in DROP_CODES)  # not a goodbye (1000)
+                    if app.closing or not dropped or not runtime.resumer.detach(app, code, "connection lost"):
+                        ending = app
+                        app.lose()
+                        app.close(code, link.close_reason)
                 tg.cancel_scope.cancel()
+                # One shielded scope for the rest (a cancel scope costs: this runs for every socket).
                 with anyio.CancelScope(shield=True):
-                    with anyio.move_on_after(CLOSE_FRAME_TIMEOUT):
-                        await writer_done.wait()  # the close frame must not overtake a frame being written
                     if not peer_gone:
+                        with anyio.move_on_after(CLOSE_FRAME_TIMEOUT):
+                            await writer_done.wait()  # the close frame must not overtake a frame being written
                         if ending is not None:
                             await self._send_close(ending.close_code or WS_NORMAL, ending.close_reason, send,
                                                    ending.app_id)
                         else:
                             await self._send_close(link.close_code or WS_GOING_AWAY, link.close_reason, send,
                                                    app.app_id)
+                    # (peer gone: no close frame to hold back, the writer unwinds meanwhile)
                     link.released.set()
                     if ending is not None:  # an app that ends with its socket is cleaned up here, as in the seed
                         await runtime.close_connection(ending)
@@ -160,7 +164,11 @@ class MessageEndpoint:
                 connection.force_close(WS_MESSAGE_TOO_BIG, "message too big", size=size, limit=max_size)
                 return False
             if text is not None:
-                dispatch(connection, text)  # the hot path: no coroutine, no await
+                proxy = connection.proxy
+                if proxy is None:
+                    dispatch(connection, text)  # the hot path: no coroutine, no await
+                else:
+                    await proxy.forward(text)  # the app lives on another node (cluster resume)
             elif dispatcher.within_rate_limit(connection, None):
                 connection.send_soon(self.runtime.encoder.error(None, BINARY_FRAME_ERROR))
 
@@ -179,7 +187,10 @@ class MessageEndpoint:
                     while True:
                         item = await outbox.get()
                         if isinstance(item, CloseRequest):
-                            connection.close(item.code, item.reason)
+                            if isinstance(item, DetachRequest):  # drain: the app stays, resumable elsewhere
+                                connection.drop_link(item.code, item.reason)
+                            else:
+                                connection.close(item.code, item.reason)
                             return
                         await send({"type": "websocket.send", "text": item})
                         item = None  # an idle connection keeps no reference to the last frame it wrote
@@ -205,22 +216,3 @@ class MessageEndpoint:
             except Exception:  # the peer may vanish mid-close; cleanup goes on regardless
                 logger.debug("close frame to %s not delivered", app_id, exc_info=True)
 
-    async def _keepalive(self, link: Link) -> None:
-        interval = self.runtime.config.ping_interval
-        allowed_misses = self.runtime.config.missed_pongs
-        encoder = self.runtime.encoder
-        while True:
-            await anyio.sleep(interval)
-            connection = link.app
-            if len(connection.unanswered_pings) >= allowed_misses:
-                # A resumable app is detached (the socket is likely half-open); any other is closed.
-                connection.drop_link(WS_INTERNAL_ERROR, "server pings unanswered",
-                                     missed=len(connection.unanswered_pings))
-                return
-            message_id = new_message_id()
-            connection.unanswered_pings[message_id] = time.monotonic()
-            try:
-                await connection.send(encoder.frame("server_ping", message_id, ServerPingData(timestamp=utcnow()),
-                                                    server_initiated=True))
-            except AppDisconnected:
-                return

@@ -78,7 +78,7 @@ class HandshakeGate:
                         client_ip=client_ip)
             await refuse(websocket, 403, "FORBIDDEN", "origin not allowed")
             return None
-        cap = self._counter.refusal(client_ip)
+        cap = self._counter.refusal(client_ip, 1 if self._resumer.detached_from(client_ip) else 0)
         if cap is not None:
             self._audit("limit_hit", level=logging.WARNING, limit="connections", reason=cap[1], client_ip=client_ip)
             await refuse(websocket, cap[0], "CONNECTION_LIMIT", cap[1])

@@ -41,6 +41,8 @@ _GAUGES = {
     "detached_apps": "Resumable apps whose socket dropped, waiting for a resume",
     "resume_buffer_bytes": "Characters held by the replay buffers of this node",
     "resume_buffer_evictions": "Unacked frames evicted from full replay buffers since start (a later resume is gap)",
+    "remote_links_served": "Apps of this node resumed through another node (their socket is there)",
+    "remote_links_proxied": "Sockets of this node serving apps of other nodes (resumed here)",
 }
 
 

@@ -28,6 +28,18 @@ class OutboxClosed(Exception):
     """The outbox was closed: nothing more goes in, and the writer has finished."""
 
 
+class _Waiter(Generic[T]):
+    """A producer waiting for room; ``queued`` once its item was handed room (else woken by a close)."""
+
+    __slots__ = ("event", "item", "queued", "size")
+
+    def __init__(self, item: T, size: int, event: anyio.Event) -> None:
+        self.item = item
+        self.size = size
+        self.event = event
+        self.queued = False
+
+
 class Outbox(Generic[T]):
     """Bounded FIFO between any number of producers and one consumer.
 
@@ -51,7 +63,7 @@ class Outbox(Generic[T]):
         self._item_ready: asyncio.Future[None] | anyio.Event | None = None
         """What the consumer waits on while the outbox is empty: a bare future on asyncio (the
         cheapest wake-up there is), an ``anyio.Event`` on other backends."""
-        self._waiting_producers: deque[tuple[T, int, anyio.Event]] | None = None
+        self._waiting_producers: deque[_Waiter[T]] | None = None
         self._closed = False
         self._commit = commit
 
@@ -109,7 +121,7 @@ class Outbox(Generic[T]):
         if self.put_nowait(item, size):
             return
         queued = anyio.Event()
-        entry = (item, size, queued)
+        entry = _Waiter(item, size, queued)
         if self._waiting_producers is None:
             self._waiting_producers = deque()
         waiting = self._waiting_producers
@@ -120,8 +132,8 @@ class Outbox(Generic[T]):
             if not queued.is_set():
                 waiting.remove(entry)
             raise
-        if self._closed:
-            raise OutboxClosed
+        if not entry.queued:  # woken by close(); an item handed room before the close was queued (and
+            raise OutboxClosed  # committed: with a resume, stamped into the replay), so it is not put twice
 
     async def get(self) -> T:
         """The next item, waiting for one if needed. Raises :class:`OutboxClosed` once closed."""
@@ -141,13 +153,15 @@ class Outbox(Generic[T]):
         self._bytes -= size
         waiting = self._waiting_producers
         if waiting:
-            while waiting and self._has_room(waiting[0][1]):  # hand the room to the longest-waiting producers
-                waiting_item, waiting_size, queued = waiting.popleft()
+            while waiting and self._has_room(waiting[0].size):  # hand the room to the longest-waiting producers
+                waiter = waiting.popleft()
+                waiting_item = waiter.item
                 if self._commit is not None:
                     waiting_item = self._commit(waiting_item)
-                items.append((waiting_item, waiting_size))
-                self._bytes += waiting_size
-                queued.set()
+                items.append((waiting_item, waiter.size))
+                self._bytes += waiter.size
+                waiter.queued = True
+                waiter.event.set()
         if not items:
             self._items = None
         return item
@@ -169,8 +183,8 @@ class Outbox(Generic[T]):
         self._items = None
         self._bytes = 0
         if self._waiting_producers:
-            for _, _, queued in self._waiting_producers:
-                queued.set()
+            for waiter in self._waiting_producers:
+                waiter.event.set()
             self._waiting_producers.clear()
         if self._item_ready is not None:
             self._wake_consumer()

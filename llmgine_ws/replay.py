@@ -88,16 +88,18 @@ class ResumeState:
         """Frames evicted unacked (buffer full while connected)."""
         self.overflowed = False
         """Set when a frame did not fit while detached: the app must end (a later resume is ``gap``)."""
-        self.resend_ids: set[str] = set()
+        self.resend_ids: set[str] | None = None
         """Client message_ids that were running or answered when the app last resumed: one resend of
-        each is ignored (the request is never executed twice)."""
-        self._frames: deque[str] = deque()
+        each is ignored (the request is never executed twice). None until a resume (most apps never do)."""
+        self._frames: deque[str] | None = None
+        """Made on the first frame kept (after the first ``ack``): most apps never ack."""
         self._first = 1
         """The seq of ``_frames[0]``."""
         self._bytes = 0
         self._max_bytes = max_bytes
         self._budget = budget
-        self._completed: OrderedDict[str, None] = OrderedDict()
+        self._completed: OrderedDict[str, None] | None = None
+        """Client requests answered lately (made once the app is resumable)."""
         self._dedupe_entries = dedupe_entries
 
     # ------------------------------------------------------------------ frames
@@ -105,7 +107,7 @@ class ResumeState:
     @property
     def buffered(self) -> int:
         """Frames kept for a replay."""
-        return len(self._frames)
+        return len(self._frames) if self._frames else 0
 
     @property
     def buffered_bytes(self) -> int:
@@ -129,6 +131,8 @@ class ResumeState:
         if self.resumable:
             size = len(stamped)
             frames = self._frames
+            if frames is None:
+                frames = self._frames = deque()
             if not frames:
                 self._first = seq
             frames.append(stamped)
@@ -151,7 +155,9 @@ class ResumeState:
             self.floor = self._first - 1
 
     def _drop_first(self) -> None:
-        size = len(self._frames.popleft())
+        frames = self._frames
+        assert frames is not None  # only called while frames are kept
+        size = len(frames.popleft())
         self._bytes -= size
         self._budget.used -= size
         self._first += 1
@@ -174,7 +180,7 @@ class ResumeState:
         """Give the buffer's bytes back to the node budget (the app ended)."""
         self._budget.used -= self._bytes
         self._bytes = 0
-        self._frames.clear()
+        self._frames = None
 
     # ------------------------------------------------------------------ requests
 
@@ -183,6 +189,8 @@ class ResumeState:
         if not self.resumable:
             return
         table = self._completed
+        if table is None:
+            table = self._completed = OrderedDict()
         table[message_id] = None
         table.move_to_end(message_id)
         if len(table) > self._dedupe_entries:
@@ -191,7 +199,7 @@ class ResumeState:
     def is_resend(self, message_id: str) -> bool:
         """Whether a request is the first resend of one received before the last resume (then it is
         not run: it is running and will be answered, or its answer is in the replay)."""
-        if message_id in self.resend_ids:
+        if self.resend_ids is not None and message_id in self.resend_ids:
             self.resend_ids.discard(message_id)
             return True
         return False
@@ -229,12 +237,12 @@ class ResumeState:
         requests answered lately become :attr:`resend_ids`.
         """
         self.ack(last_seq)
-        replay = list(self._frames)
+        replay = list(self._frames or ())
         self.token = new_token()
         self.detached_at = None
         self.epoch += 1
-        self.resend_ids = set(in_flight) | set(self._completed)
-        self._completed.clear()
+        self.resend_ids = set(in_flight) | set(self._completed or ())
+        self._completed = None
         return self.token, replay
 
 

@@ -20,7 +20,7 @@ from anyio.from_thread import BlockingPortal
 from .audit import AuditLog
 from .auth import Authenticator, authenticator_from_config
 from .config import APIConfig
-from .connection import WS_GOING_AWAY, Connection
+from .connection import WS_GOING_AWAY, WS_SERVICE_RESTART, Connection, DetachRequest, KeepAlive
 from .context import Services
 from .dispatch import Dispatcher
 from .engines import EngineManager
@@ -109,6 +109,9 @@ class Runtime:
         self.dispatcher = Dispatcher([*core.specs(), *extensions.handlers.values()],
                                      self.services, audit=self.audit, metrics=self.metrics)
         extensions._bind(self.messaging)
+        self.keepalive: KeepAlive | None = (KeepAlive(config.ping_interval, config.missed_pongs, self.encoder)
+                                            if config.ping_interval > 0 else None)
+        """Pings every socket of the app from one task in the lifespan (None: ``ping_interval`` is 0)."""
         self._reaper_running = False
         self._apps: anyio.abc.TaskGroup | None = None
         """The lifespan's task group, parent of every app's task group (None outside the lifespan)."""
@@ -156,11 +159,27 @@ class Runtime:
         """Where apps' task groups live while the lifespan runs (so an app can outlive its socket)."""
         return self._apps
 
-    async def host_app(self, connection: Connection, *, hosted: bool = False,
+    def adopt(self, connection: Connection) -> bool:
+        """Let ``connection``'s app outlive its socket: its task group will live in the lifespan's, made
+        when its first task needs it (:meth:`host_app`); False outside the lifespan."""
+        if self._apps is None:
+            return False
+        connection.start_task_group = self._start_app_task_group
+        self.resumer.hosted.add(connection.app_id)
+        if self.extensions.connection_callbacks["connect"]:  # no task for nothing to run
+            connection.spawn(self.on_connected, connection)
+        return True
+
+    def _start_app_task_group(self, connection: Connection) -> None:
+        if self._apps is None:
+            raise RuntimeError("the lifespan is over")
+        self._apps.start_soon(self.host_app, connection)
+
+    async def host_app(self, connection: Connection, *,
                        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run one app's task group (its handlers, engine workers, timers) until it is closed, then
-        clean up after it. ``hosted``: this runs in the lifespan's task group, so the app may outlive
-        its socket (resume); otherwise it runs inside the endpoint's call and ends with its socket.
+        clean up after it. Started by :meth:`adopt`'s first task in the lifespan's task group (so the
+        app may outlive its socket: resume), or by the endpoint's call (no lifespan: it ends with its socket).
 
         An app closed while it has a socket is cleaned up by that socket's endpoint (after its close
         frame, as in the seed); a detached one (window passed, buffer overflow) by this task.
@@ -168,17 +187,15 @@ class Runtime:
         try:
             async with anyio.create_task_group() as tg:
                 connection.attach(tg)
-                if hosted:
-                    self.resumer.hosted.add(connection.app_id)
                 task_status.started()
-                if self.extensions.connection_callbacks["connect"]:  # no task for nothing to run
-                    tg.start_soon(self.on_connected, connection)
                 try:
                     await anyio.sleep_forever()
                 finally:
                     connection.lose()
                     with anyio.CancelScope(shield=True):
-                        if connection.link is not None:
+                        if connection.closed.is_set():
+                            pass  # cleaned up already (the group started as the app was closing)
+                        elif connection.link is not None and not connection.link.remote:
                             await connection.closed.wait()  # the socket's endpoint cleans up, as in the seed
                         else:
                             await self.close_connection(connection)
@@ -225,6 +242,8 @@ class Runtime:
             await tg.start(self._shut_down_on_signal)
             if self.coalescing is not None:
                 await tg.start(self.coalescing.run)
+            if self.keepalive is not None:
+                await tg.start(self.keepalive.run)
             logger.info("llmgine_ws WebSocket endpoint at %s", self.ws_url_path)
             self._apps = tg
             if self.authenticator is None:
@@ -263,9 +282,16 @@ class Runtime:
         drain = self.config.drain_timeout
         logger.info("shutting down: draining %d connection(s) for up to %.1fs", len(self.hub), drain)
         for connection in self.hub:
+            movable = self.resumer.movable(connection)
+            extra: dict[str, Any] = {"drain_seconds": drain, "resume": True} if movable else {"drain_seconds": drain}
             data = NotificationData(notification_type="server_shutting_down", message="the server is restarting",
-                                    additional_data={"drain_seconds": drain})
+                                    additional_data=extra)
             connection.send_nowait(self.encoder.event("notification", data))
+            if movable:  # in a cluster: the socket goes (1012) after the notice, the app stays resumable elsewhere
+                request = DetachRequest(WS_SERVICE_RESTART, "server restarting: resume on another node")
+                if not connection.outbox.put_nowait(request):
+                    connection.drop_link(request.code, request.reason)
+        self.resumer.drain_remote()
         with anyio.move_on_after(drain) as draining:
             for connection in self.hub:
                 await connection.wait_idle()
@@ -344,6 +370,7 @@ class Runtime:
             "detached_apps": self.resumer.detached_count,
             "resume_buffer_bytes": self.resumer.budget.used,
             "resume_buffer_evictions": self.resumer.budget.evictions,
+            **self.resumer.remote_counts(),
         }
 
     @property

@@ -210,11 +210,14 @@ class ConnectionCounter:
         self.total = 0
         self._per_ip: dict[str, int] = {}
 
-    def refusal(self, client_ip: str | None) -> tuple[int, str] | None:
-        """Why a new connection from ``client_ip`` would exceed a cap (HTTP status, reason), or None."""
-        if self.total >= self.max_total:
+    def refusal(self, client_ip: str | None, overdraft: int = 0) -> tuple[int, str] | None:
+        """Why a new connection from ``client_ip`` would exceed a cap (HTTP status, reason), or None.
+
+        ``overdraft`` connections past the per-address cap are allowed (one, while the address has a
+        detached app: the connection that resumes it must get through; see docs/resume.md)."""
+        if self.total >= self.max_total + overdraft:
             return 503, f"the server is at its limit of {self.max_total} connections"
-        if client_ip is not None and self._per_ip.get(client_ip, 0) >= self.max_per_ip:
+        if client_ip is not None and self._per_ip.get(client_ip, 0) >= self.max_per_ip + overdraft:
             return 429, f"too many connections from this address (limit {self.max_per_ip})"
         return None
 

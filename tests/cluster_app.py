@@ -8,7 +8,8 @@ the backplane) plus two test-only routes:
   op ``wait`` (``{"until": op, "args": {...}, "equals": value, "timeout": seconds}``) waits, with the
   router's ``wait_for``, until a query op answers ``value`` here — how a test in another process
   waits for a node's view of the cluster to change, without polling;
-* connections to ``...?user=NAME`` are authenticated as user NAME (to exercise ``send_to_user``).
+* connections to ``...?user=NAME`` are authenticated as user NAME (to exercise ``send_to_user``);
+* an engine ``gated`` that streams tokens and pauses until op ``release`` (the resume tests).
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import anyio
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from llmgine_ws import Extensions, MessagingError, create_app, get_runtime
+from llmgine_ws import EngineContext, Extensions, MessagingError, create_app, get_runtime
 from llmgine_ws.backplane.cluster import ClusterRouter
 from llmgine_ws.runtime import Runtime
 
@@ -38,6 +40,27 @@ QUERIES: dict[str, Callable[[Runtime, dict[str, Any]], Any]] = {
     "node_count": lambda runtime, args: len(runtime.message_router.nodes()),
 }
 """The ops that only read this node's state (and that ``wait`` can wait on)."""
+
+
+GATES: dict[str, anyio.Event] = {}
+"""Events the ``gated`` engine waits on in this process (op ``release`` sets one)."""
+
+
+class GatedEngine:
+    """Streams ``n`` token events; before event ``pause_at`` it waits until op ``release`` opens ``gate``."""
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def handle_command(self, command: Any, ctx: EngineContext) -> Any:
+        for i in range(command["n"]):
+            if i == command.get("pause_at"):
+                await GATES.setdefault(command["gate"], anyio.Event()).wait()
+            await ctx.emit("token", {"i": i})
+        return {"n": command["n"]}
 
 
 async def call(request: Request) -> Response:
@@ -59,6 +82,9 @@ async def call(request: Request) -> Response:
             assert isinstance(router, ClusterRouter)
             query, query_args, expected = QUERIES[args["until"]], args.get("args", {}), args["equals"]
             await router.wait_for(lambda: query(runtime, query_args) == expected, args.get("timeout", 10))
+            result = True
+        elif op == "release":
+            GATES.setdefault(args["gate"], anyio.Event()).set()
             result = True
         elif op == "send_to_app":
             result = await api.send_to_app(args["app_id"], args.get("type", "notification"), args.get("data"))
@@ -93,6 +119,7 @@ def make_app() -> Any:
     """The node's app (a factory too: ``--app tests.cluster_app:make_app --factory``)."""
     extensions = Extensions()
     extensions.add_route(Route("/test/call", call, methods=["POST"]))
+    extensions.register_engine("gated", lambda session, config: GatedEngine())
     app = create_app(extensions=extensions, authenticator=user_from_query)
     return app
 

@@ -81,8 +81,8 @@ async def cluster_node(broker: BrokerHandle, cluster: str, extensions: Extension
     config.setdefault("ping_interval", 0)
     config.setdefault("heartbeat_interval", HEARTBEAT)
     config.setdefault("admin_token", ADMIN_TOKEN)
-    # Resume across nodes is the cluster part of issue 12: until then these nodes end an app with its
-    # socket, as the conformance tests expect (the Python client acks, which makes apps resumable).
+    # These nodes end an app with its socket, as the conformance tests expect (the Python client acks,
+    # which makes apps resumable); tests/test_resume_cluster.py turns resume on.
     config.setdefault("resume_window", 0)
     app = create_app(APIConfig(cluster_name=cluster, **config), extensions, backplane=broker.backplane(),
                      authenticator=user_from_query)

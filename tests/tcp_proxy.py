@@ -51,6 +51,10 @@ class TcpProxy:
             await anyio.aclose_forcefully(pair.client)
             await anyio.aclose_forcefully(pair.server)
 
+    def retarget(self, port: int) -> None:
+        """Send the connections opened from now on to ``port`` (a load balancer picking another node)."""
+        self._target_port = port
+
     def blackhole(self) -> None:
         """Drop every byte of the connections open now, both ways; their sockets stay open."""
         for pair in self._pairs:
@@ -80,9 +84,10 @@ class TcpProxy:
             pass
         if pair.holed:
             return  # a black hole never tells the other side
+        with anyio.CancelScope(shield=True):  # one side ended: end the other (before the pumps are cancelled)
+            await anyio.aclose_forcefully(pair.client)
+            await anyio.aclose_forcefully(pair.server)
         tg.cancel_scope.cancel()
-        await anyio.aclose_forcefully(pair.client)
-        await anyio.aclose_forcefully(pair.server)
 
 
 @asynccontextmanager

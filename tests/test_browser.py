@@ -410,7 +410,8 @@ async def test_server_restart_rejects_pending_promises_and_the_client_reconnects
     probe = Probe()
     try:
         async with serve(client_app(example, probe), sock=sock) as first:
-            # resume: false — a client that does not resume: the drop itself rejects what waits.
+            # Without resume: what waited fails at the drop (with resume it waits for the resume, and a
+            # restarted server cannot resume it: see test_browser_client_resume.py).
             first_id = await open_client(page, first, {"reconnect": {"initialDelay": 50, "maxDelay": 200},
                                                        "resume": False})
             await page.evaluate("""() => {

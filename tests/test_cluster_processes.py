@@ -114,7 +114,7 @@ def node_env(broker_url: str, cluster: str) -> dict[str, str]:
         "LLMGINE_API_CLUSTER_NAME": cluster,
         "LLMGINE_API_HEARTBEAT_INTERVAL": str(HEARTBEAT),
         "LLMGINE_API_PING_INTERVAL": "0",
-        "LLMGINE_API_RESUME_WINDOW": "0",  # resume across nodes: the cluster part of issue 12
+        "LLMGINE_API_RESUME_WINDOW": "0",  # apps end with their socket (resume: tests/test_resume_cluster.py)
         "LLMGINE_API_ADMIN_TOKEN": ADMIN_TOKEN,
         "LLMGINE_API_SHUTDOWN_TIMEOUT": "3",
     }

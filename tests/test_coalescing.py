@@ -11,6 +11,7 @@ import random
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import msgspec
 import pytest
 
@@ -431,3 +432,77 @@ class Filler:
 
     async def stop(self) -> None:
         pass
+
+
+class Flooder:
+    """Streams ``n`` deltas of 200 characters as fast as the line takes them, whoever reads them."""
+
+    def __init__(self, done: anyio.Event) -> None:
+        self.done = done
+
+    async def start(self) -> None:
+        pass
+
+    async def handle_command(self, command: dict[str, Any], ctx: EngineContext) -> Any:
+        for i in range(command["n"]):
+            await ctx.emit("token", {"text": f"<{i}>" + "x" * 200})
+            if i % 100 == 99:
+                await anyio.lowlevel.checkpoint()
+        self.done.set()
+        return {"n": command["n"]}
+
+    async def stop(self) -> None:
+        pass
+
+
+async def test_a_stalled_resumable_client_is_detached_and_its_resume_gets_every_delta(make_app: Any) -> None:
+    """Full batches piling up past the outbox's bounds are a stalled client, as for any frame: a
+    resumable app loses its socket (1013) but is detached, not ended; its engine goes on into the
+    replay buffer, and a resume gets every delta exactly once, in order, then the result."""
+    n = 2000
+    done = anyio.Event()
+    extensions = Extensions()
+    extensions.register_engine("flooder", lambda session, cfg: Flooder(done))
+    app = make_app(extensions, outbound_queue_size=4, send_grace=0.5, rate_limit=0, resume_window=30,
+                   engine_event_coalesce_bytes=4096)
+    with small_send_buffer_socket() as sock:
+        async with serve(app, sock=sock) as server:
+            async with raw_connect(server.ws_url) as raw:
+                connected = await raw.receive_json()
+                app_id, token = connected["data"]["app_id"], connected["data"]["resume_token"]
+                await raw.send_json({"type": "ack", "message_id": "a0", "data": {"seq": 0}})
+                await raw.send_json({"type": "create_session", "message_id": "c", "data": {}})
+                session_id = (await reply(raw, "c"))["data"]["session_id"]
+                await raw.send_json({"type": "create_engine", "message_id": "e",
+                                     "data": {"session_id": session_id, "engine_type": "flooder"}})
+                created = await reply(raw, "e")
+                assert created["type"] == "create_engine_res"
+                last_seq = created["seq"]
+                await raw.send_json({"type": "ack", "message_id": "a1", "data": {"seq": last_seq}})
+                connection = next(conn for conn in server.runtime.hub if conn.app_id == app_id)
+                await raw.send_json({"type": "engine_command", "message_id": "run", "data": {
+                    "session_id": session_id, "command": {"n": n}}})
+                # The client reads nothing more: its socket is dropped, its app kept.
+                await server.eventually(lambda: connection.detached, timeout=30)
+                with anyio.fail_after(30):
+                    await done.wait()  # the engine never waited for its client: it streamed on into the buffer
+                assert connection.detached and not connection.closing
+            async with raw_connect(server.ws_url) as raw:
+                assert (await raw.receive_json())["type"] == "connected"
+                await raw.send_json({"type": "resume", "message_id": "r", "data": {
+                    "app_id": app_id, "resume_token": token, "last_seq": last_seq}})
+                resumed = await reply(raw, "r")
+                assert resumed["data"]["resumed"] is True, resumed
+                events: list[dict[str, Any]] = []
+                with anyio.fail_after(30):
+                    while True:
+                        message = await raw.receive_json(timeout=30)
+                        assert message["seq"] == last_seq + 1, (message["seq"], last_seq)
+                        last_seq = message["seq"]
+                        if message["type"] == "engine_command_res":
+                            break
+                        if message["type"] == "engine_event":
+                            events.append(message["data"])
+    assert message["data"]["status"] == "completed"
+    assert [event["seq"] for event in events] == list(range(len(events)))
+    assert text_and_count(events) == ("".join(f"<{i}>" + "x" * 200 for i in range(n)), n)

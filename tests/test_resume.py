@@ -510,3 +510,27 @@ def test_resume_under_trio() -> None:
             assert ws.receive_json() == {"seq": last_seq + 1, "type": "ping_res", "message_id": "p",
                                          "data": {"timestamp": None}}
     assert len(runtime.hub) == 0 and len(runtime.sessions) == 0
+
+
+async def test_detached_apps_keep_their_connection_slot_and_resumes_are_counted(make_app: Callable[..., Any]
+                                                                               ) -> None:
+    async with stack(make_app, max_connections_per_ip=1) as (server, proxy, _):
+        async with peer(proxy.ws_url()) as client:
+            await client.ack_synced()
+            app_id, token, last_seq = client.app_id, client.token, client.last_seq
+            connection = app_of(server, app_id)
+            await proxy.sever()
+            await server.eventually(lambda: connection.detached)
+        assert server.runtime.connection_counter.total == 1  # a detached app cannot be farmed for free
+        async with peer(proxy.ws_url()) as comeback:  # one past the cap: the address has a detached app
+            with pytest.raises(AssertionError, match="handshake rejected"):  # but only one (429)
+                async with peer(proxy.ws_url()):
+                    pass
+            await comeback.send("resume", {"app_id": app_id, "resume_token": token, "last_seq": last_seq}, "res")
+            answer = await comeback.raw.receive_json()
+            assert answer["type"] == "resume_res" and answer["data"]["resumed"] is True
+            await server.eventually(lambda: server.runtime.connection_counter.total == 1)  # the throwaway's slot
+            metrics = server.runtime.metrics
+            if metrics is not None:
+                assert metrics.resumes == {"resumed": 1}
+            assert server.runtime.live_counts()["detached_apps"] == 0

@@ -5,13 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from starlette.testclient import TestClient
 
 from llmgine_ws import APIConfig, AppDisconnected, AppNotConnected, Extensions, HandlerContext, create_app
-from llmgine_ws.connection import WS_TRY_AGAIN_LATER, Connection, PendingRequest
+from llmgine_ws.connection import WS_TRY_AGAIN_LATER, Connection, KeepAlive, Link, PendingRequest
 from llmgine_ws.errors import ProtocolError
 from llmgine_ws.hub import Hub
+from llmgine_ws.protocol import FrameEncoder
 from llmgine_ws.routing import LocalRouter
 from llmgine_ws.sessions import SessionStore
 
@@ -59,6 +61,29 @@ async def test_pending_request_first_outcome_wins() -> None:
     failed.resolve({"late": True})
     with pytest.raises(AppDisconnected):
         await failed.wait()
+
+
+async def test_pending_request_times_out_wakes_and_cancels() -> None:
+    """The waiter (a bare future and a loop timer on asyncio, an anyio Event elsewhere): a timeout is
+    a TimeoutError, an answer from another task wakes it, a cancel scope cancels it."""
+    with pytest.raises(TimeoutError):
+        await PendingRequest("app", "t").wait(0.01)
+
+    answered = PendingRequest("app", "a")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: _resolve_soon(answered))
+        assert await answered.wait(30) == {"ok": 1}
+
+    waiting = PendingRequest("app", "c")
+    with anyio.move_on_after(0.01) as scope:
+        await waiting.wait(30)
+    assert scope.cancelled_caught
+    waiting.resolve({"late": True})  # nobody waits any more: harmless
+
+
+async def _resolve_soon(pending: PendingRequest) -> None:
+    await anyio.lowlevel.checkpoint()
+    pending.resolve({"ok": 1})
 
 
 async def test_hub_tracks_connections_and_signals_empty() -> None:
@@ -280,3 +305,55 @@ def test_the_blocking_messaging_api_mirrors_the_async_one() -> None:
         twin = blocking[name]
         assert list(inspect.signature(method).parameters) == list(inspect.signature(twin).parameters), name
         assert typing.get_type_hints(method) == typing.get_type_hints(twin), name
+
+
+async def test_an_app_task_group_starts_with_its_first_task() -> None:
+    """No task group until a task needs one; tasks spawned while it starts run in it; an app
+    closed meanwhile gets its group cancelled at once (its tasks unwind, none outlives it)."""
+    ran: list[str] = []
+
+    async def task(name: str) -> None:
+        ran.append(name)
+        await anyio.sleep_forever()
+
+    async with anyio.create_task_group() as apps:
+        connection = make_connection("app")
+        assert connection.spawn(task, "orphan") is False  # nowhere to run: refused, not dropped silently
+        started: list[Connection] = []
+        connection.start_task_group = started.append
+        assert connection.spawn(task, "a") and connection.spawn(task, "b")
+        assert len(started) == 1  # one group, however many tasks wait for it
+        connection.attach(apps)
+        await anyio.wait_all_tasks_blocked()
+        assert sorted(ran) == ["a", "b"]  # (trio does not start tasks in FIFO order)
+        closing = make_connection("closing")
+        closing.start_task_group = started.append
+        assert closing.spawn(task, "c")
+        closing.close(1000, "bye")
+        assert closing.spawn(task, "d") is False
+        async with anyio.create_task_group() as own:
+            closing.attach(own)  # cancelled at once: "c" ends at its first checkpoint
+        apps.cancel_scope.cancel()
+
+
+async def test_one_keepalive_task_pings_every_link_and_drops_the_silent_ones() -> None:
+    """The app-wide pinger: each link is pinged every interval; after ``allowed_misses`` unanswered
+    pings it is dropped (1011 for an app that cannot be detached); a discarded link is not pinged."""
+    keepalive = KeepAlive(0.01, 2, FrameEncoder())
+    dropped = anyio.Event()
+    silent = Connection("silent", queue_size=4, send_grace=0.05,
+                        on_change=lambda: dropped.set() if silent.closing else None)
+    gone = make_connection("gone")
+    links = {name: Link(connection) for name, connection in (("silent", silent), ("gone", gone))}
+    for connection, link in ((silent, links["silent"]), (gone, links["gone"])):
+        connection.link = link
+        keepalive.add(link)
+    keepalive.discard(links["gone"])
+    async with anyio.create_task_group() as tg:
+        await tg.start(keepalive.run)
+        with anyio.fail_after(5):
+            await dropped.wait()
+        tg.cancel_scope.cancel()
+    assert silent.close_code == 1011 and len(silent.unanswered_pings) == 2
+    assert '"server_ping"' in str(await silent.outbox.get())
+    assert not gone.unanswered_pings and len(keepalive) == 0

@@ -24,14 +24,18 @@ import msgspec
 
 from ..config import APIConfig, check_cluster_name, check_heartbeat_interval
 from ..connection import Connection
+from ..dispatch import Dispatcher
 from ..errors import AppNotConnected, BackplaneUnavailable, MessagingError
 from ..hub import Hub
+from ..protocol import FrameEncoder
+from ..resumption import Resumer
 from ..routing import AppPresence, LocalRouter, MessageRouter, NodePresence, default_node_name, local_presence
 from ..sessions import Session, SessionStore
 from . import Backplane, backplane_from_url
 from .inbox import Inbox
 from .presence import AppLeft, NodeJoined, PresenceEvent, PresenceReplica
 from .publisher import Publisher
+from .remote import RemoteResume
 from .requests import ForwardedRequest, RemoteRequests
 from .wire import Deliver, Fanout, GroupOp, Hello, NodeMessage, Reply, Request, Withdraw, decode, encode
 
@@ -39,6 +43,10 @@ logger = logging.getLogger("llmgine_ws.cluster")
 
 SWEEPS_PER_INTERVAL = 4
 """How often a heartbeat interval silent nodes and overdue requests are looked for."""
+RESUME_ASK_INTERVALS = 1.75
+"""Heartbeat intervals a resume waits for the owning node's answer (plus a sweep: under two)."""
+LINK_PROBE_INTERVALS = 2.0
+"""Heartbeat intervals (at least 1 s) after which an idle remote link is probed."""
 
 
 class ClusterRouter:
@@ -75,6 +83,7 @@ class ClusterRouter:
         self._requests = RemoteRequests(self._node_id, backplane.kind, self._answer)
         self._publisher = Publisher(backplane, self._node_id)
         self._inbox = Inbox(self._node_id, local, self._requests, self._enqueue, grace=heartbeat_interval)
+        self._remote: RemoteResume | None = None
         self._up = False
         self._echoed = False
         self._down_since = time.monotonic()
@@ -131,6 +140,19 @@ class ClusterRouter:
         with anyio.fail_after(timeout):
             while not predicate():
                 await self._changed.wait()
+
+    def bind_resume(self, resumer: Resumer, dispatcher: Dispatcher, *, ping_interval: float = 0.0,
+                    missed_pongs: int = 2, encoder: FrameEncoder | None = None) -> RemoteResume:
+        """Let apps of this node resume on other nodes and theirs here (docs/scaling.md, "Resume across
+        nodes"); called once by ``create_app``."""
+        remote = self._remote = RemoteResume(
+            self._node_id, hub=self._hub, resumer=resumer, dispatcher=dispatcher, publish=self._publish,
+            enqueue=self._enqueue, owner_of=self._presence.node_of, max_payload=lambda: self.backplane.max_payload,
+            timeout=RESUME_ASK_INTERVALS * self.heartbeat_interval,
+            probe_interval=max(LINK_PROBE_INTERVALS * self.heartbeat_interval, 1.0), ping_interval=ping_interval,
+            missed_pongs=missed_pongs, encoder=encoder)
+        resumer.remote = remote
+        return remote
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -229,6 +251,8 @@ class ClusterRouter:
         now = time.monotonic()
         self._presence.expire(now)
         self._requests.overdue(now)
+        if self._remote is not None:
+            self._remote.sweep(now)
         self._pump()
 
     # ------------------------------------------------------------------ presence: in and out
@@ -251,11 +275,16 @@ class ClusterRouter:
             logger.info("cluster node %s: node %s (%s) joined", self._node_id, event.node_id, event.name)
         elif event.silent_for is None:
             logger.info("cluster node %s: node %s (%s) left", self._node_id, event.node_id, event.name)
-            self._requests.node_gone(event.node_id)
+            self._node_gone(event.node_id)
         else:
             logger.warning("cluster node %s: node %s (%s) expired: no heartbeat for %.1fs; its %d app(s) are gone",
                            self._node_id, event.node_id, event.name, event.silent_for, event.apps)
-            self._requests.node_gone(event.node_id)
+            self._node_gone(event.node_id)
+
+    def _node_gone(self, node_id: str) -> None:
+        self._requests.node_gone(node_id)
+        if self._remote is not None:
+            self._remote.node_gone(node_id)
 
     def app_added(self, connection: Connection) -> None:
         """Hub listener: announce the app."""
@@ -319,7 +348,8 @@ class ClusterRouter:
             return
         try:
             self._presence.receive(message, time.monotonic())
-            self._inbox.handle(message)
+            if self._remote is None or not self._remote.handle(message):
+                self._inbox.handle(message)
         except Exception:
             logger.exception("cluster node %s: handling %s from %s failed", self._node_id, type(message).__name__,
                              message.node)

@@ -141,8 +141,91 @@ class Ack(NodeMessage, tag="ack", frozen=True):
     error: str | None = None
 
 
+# ------------------------------------------------------------------------------ resume across nodes
+
+
+class ResumeAsk(NodeMessage, tag="rs.ask", frozen=True):
+    """Resume ``app_id`` (owned by the receiver) onto a socket of the sender, known there as ``link``.
+
+    ``principal`` is the user id the new socket authenticated as (None: unauthenticated);
+    ``message_id`` is the client's ``resume`` (its ``resume_res`` answers it).
+    """
+
+    link: str
+    app_id: str
+    token: str
+    last_seq: int
+    principal: str | None
+    message_id: str
+
+
+class ResumeRefused(NodeMessage, tag="rs.no", frozen=True):
+    """The owner refused the resume asked for on ``link``: ``reason`` as in ``resume_res``."""
+
+    link: str
+    reason: str
+
+
+class LinkOpen(NodeMessage, tag="ln.open", frozen=True):
+    """The owner resumed the app onto ``link`` as generation ``gen``; ``frames`` start with ``resume_res``."""
+
+    link: str
+    app_id: str
+    gen: int
+    frames: list[str]
+
+
+class LinkFrames(NodeMessage, tag="ln.out", frozen=True):
+    """Frames of the app for the socket of ``link`` (already sequenced), in order; ``n`` counts the
+    link's messages (1, 2, 3…: :class:`LinkOpen` is 0), so that a lost one is noticed."""
+
+    link: str
+    gen: int
+    n: int
+    frames: list[str]
+
+
+class LinkCredit(NodeMessage, tag="ln.credit", frozen=True):
+    """The serving node took every :class:`LinkFrames` up to ``n``: the owner may send more."""
+
+    app_id: str
+    link: str
+    gen: int
+    n: int
+
+
+class LinkClose(NodeMessage, tag="ln.close", frozen=True):
+    """The owner is done with ``link``: close its socket with ``code`` (4000 superseded, 1001 app ended...)."""
+
+    link: str
+    gen: int
+    code: int
+    reason: str
+
+
+class LinkInput(NodeMessage, tag="ln.in", frozen=True):
+    """A frame the client sent on the sender's socket for ``app_id`` (generation ``gen``); ``n``
+    counts them (1, 2, 3…), so that a lost one is noticed."""
+
+    app_id: str
+    gen: int
+    n: int
+    text: str
+
+
+class LinkLost(NodeMessage, tag="ln.lost", frozen=True):
+    """The sender's socket for ``app_id`` (generation ``gen``) is gone: with ``goodbye`` the client
+    closed with 1000 (the app ends), else it dropped (the app is detached)."""
+
+    app_id: str
+    gen: int
+    code: int
+    goodbye: bool = False
+
+
 WireMessage = Union[  # noqa: UP007 - a runtime union for msgspec
-    Hello, Heartbeat, Goodbye, Delta, SyncRequest, Snapshot, Deliver, Request, Withdraw, Reply, Fanout, GroupOp, Ack
+    Hello, Heartbeat, Goodbye, Delta, SyncRequest, Snapshot, Deliver, Request, Withdraw, Reply, Fanout, GroupOp, Ack,
+    ResumeAsk, ResumeRefused, LinkOpen, LinkFrames, LinkCredit, LinkClose, LinkInput, LinkLost,
 ]
 """Every message a node may receive."""
 
@@ -154,6 +237,7 @@ decode: Callable[[bytes], WireMessage] = msgspec.msgpack.Decoder(WireMessage).de
 
 
 __all__ = [
-    "Ack", "AppEntry", "Deliver", "Delta", "Fanout", "Goodbye", "GroupOp", "Heartbeat", "Hello", "NodeMessage", "Reply",
-    "Request", "Snapshot", "SyncRequest", "WireMessage", "Withdraw", "decode", "encode",
+    "Ack", "AppEntry", "Deliver", "Delta", "Fanout", "Goodbye", "GroupOp", "Heartbeat", "Hello", "LinkClose",
+    "LinkCredit", "LinkFrames", "LinkInput", "LinkLost", "LinkOpen", "NodeMessage", "Reply", "Request", "ResumeAsk",
+    "ResumeRefused", "Snapshot", "SyncRequest", "WireMessage", "Withdraw", "decode", "encode",
 ]

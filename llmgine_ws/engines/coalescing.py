@@ -17,7 +17,8 @@ carries (absent when 1). Nothing else changes:
 - Back-pressure: a batch that finds the connection's outbox full keeps growing instead of waiting,
   so a slow client gets bigger batches and the engine never blocks on it. Batches that reached the
   byte cap wait in a per-command queue bounded like the outbox (``outbound_queue_size`` frames,
-  ``outbound_queue_bytes`` characters); a client that lets it overflow is closed with 1013.
+  ``outbound_queue_bytes`` characters); a client that lets it overflow loses its socket (1013): a
+  resumable app is detached, any other ends.
 
 Three parts: :class:`TokenCoalescer` is sans-I/O (deltas and events in, encoded frames out, no clock
 and no socket); :class:`CoalescingLine` binds one to a connection; :class:`FlushScheduler` is the one
@@ -271,9 +272,15 @@ class CoalescingLine:
         self._queued.append(frame)
         self._queued_chars += len(frame)
         if len(self._queued) > self._max_frames or self._queued_chars > self._max_chars:
-            self._connection.force_close(WS_TRY_AGAIN_LATER, "outbound queue full", coalesced_backlog=len(self._queued),
-                                         coalesced_backlog_bytes=self._queued_chars)
-            raise AppDisconnected(self._connection.app_id)
+            # A stalled client, as when the outbox overflows: it loses its socket (1013). A resumable
+            # app is detached rather than ended, and what waits here goes on to its replay buffer.
+            connection = self._connection
+            connection.drop_link(WS_TRY_AGAIN_LATER, "outbound queue full", coalesced_backlog=len(self._queued),
+                                 coalesced_backlog_bytes=self._queued_chars)
+            if connection.closing or not connection.detached:
+                raise AppDisconnected(connection.app_id)
+            self.flush_due()
+            return
         if not self.scheduled:
             self.scheduled = True
             self._scheduler.schedule(self)
