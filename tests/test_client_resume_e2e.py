@@ -124,7 +124,7 @@ async def start_engine(client: Client) -> str:
 
 async def test_drop_mid_engine_stream_every_event_once_in_order_and_the_result() -> None:
     probe = Probe()
-    async with served(probe) as (_, proxy), connect(url(proxy), reconnect=FAST) as client:
+    async with served(probe) as (server, proxy), connect(url(proxy), reconnect=FAST) as client:
         outcomes = Outcomes(client)
         session_id = await start_engine(client)
         await opted_in(client)
@@ -143,6 +143,8 @@ async def test_drop_mid_engine_stream_every_event_once_in_order_and_the_result()
         assert client.resumed is True and proxy.accepted == 2
         status = await client.request("status", {"session_id": session_id})  # the session survived
         assert status.data["session_id"] == session_id
+        # The new socket's throwaway app (the one its `connected` named) is cleaned up: one app left.
+        await server.eventually(lambda: len(server.runtime.hub) == 1, timeout=WAIT)
 
 
 async def test_drop_with_a_question_pending_answered_once_and_the_command_completes() -> None:
