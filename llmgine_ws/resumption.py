@@ -221,7 +221,10 @@ class Resumer:
         link.add_preamble(leftovers)
         self.take_over(target, link, data.last_seq, ctx.message_id, principal=principal, client_ip=new.client_ip)
         new.outbox.close()  # the writer moves over to the resumed app: preamble, then its outbox
-        new.close(WS_NORMAL, "resumed another app")  # the throwaway app is cleaned up (no close frame)
+        # The throwaway app is cleaned up (no close frame) by its task group's host, which an app
+        # that never ran a task has not started yet (it starts lazily): start it, so that it does.
+        new.spawn(_nothing)
+        new.close(WS_NORMAL, "resumed another app")
         return NO_REPLY
 
     def check(self, target: Connection, token: str, principal: str | None, last_seq: int) -> ResumeFailure | None:
@@ -323,3 +326,5 @@ class Resumer:
                             log=logger)
 
 
+async def _nothing() -> None:
+    """A task that starts an app's task group (whose host cleans the app up once it is closed)."""

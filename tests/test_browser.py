@@ -440,6 +440,35 @@ async def test_server_restart_rejects_pending_promises_and_the_client_reconnects
         sock.close()
 
 
+async def test_server_restart_with_resume_waits_then_state_lost(page: Any, example: ModuleType) -> None:
+    """With resume (the default), a pending request waits for the new connection; the restarted server
+    does not know the app, so it rejects with StateLostError and ``statelost`` fires."""
+    sock = listening_socket()
+    probe = Probe()
+    try:
+        async with serve(client_app(example, probe), sock=sock) as first:
+            first_id = await open_client(page, first, {"reconnect": {"initialDelay": 50, "maxDelay": 200}})
+            assert await page.evaluate("client.resumable")
+            await page.evaluate("""() => {
+                client.on('statelost', (e) => log.push(['statelost', e.detail.reason, e.detail.previousAppId]));
+                client.on('open', (e) => log.push(['open', e.detail.reconnected, e.detail.resumed]));
+                window.outcome = client.request('wait_forever', {}, { timeout: 0 })
+                    .then(() => 'resolved', (e) => [e.name, e.code, e.reason, e instanceof L.StateLostError]);
+            }""")
+            with anyio.fail_after(5):
+                await probe.started.wait()
+        await page.wait_for_function("client.state === 'reconnecting' || client.state === 'connecting'")
+        async with serve(client_app(example), sock=sock) as second:
+            await page.wait_for_function("client.state === 'open'")
+            assert await page.evaluate("window.outcome") == ["StateLostError", "STATE_LOST", "unknown", True]
+            second_id = await page.evaluate("client.appId")
+            assert second_id != first_id and second.runtime.messaging.is_app_connected(second_id)
+            assert await page.evaluate("log") == [["statelost", "unknown", first_id], ["open", True, False]]
+            assert await page.evaluate("client.resumed") is False
+    finally:
+        sock.close()
+
+
 # ------------------------------------------------------------------ the demo page
 
 
@@ -605,6 +634,55 @@ async def test_demo_shows_the_connection_state_and_reconnects_by_itself(page: An
             await page.wait_for_selector("[data-testid=message-assistant][data-status=completed]")
     finally:
         sock.close()
+
+
+async def test_demo_reload_mid_answer_the_answer_goes_on(page: Any, demo: ModuleType) -> None:
+    """Resume (issue 12): a reload while the reply streams resumes the app; the page draws its saved
+    transcript again and follows the running command, so the reply ends exactly once, complete."""
+    async with serve(demo.build_demo_app(APIConfig(ping_interval=0))) as server:
+        await demo_page(page, server, "token_delay=0.15")
+        app_id = await page.evaluate("chatDemo.client.appId")
+        session_id = await page.evaluate("chatDemo.sessionId")
+        await page.fill("[data-testid=input]", "tell me a story")
+        await page.press("[data-testid=input]", "Enter")
+        await page.wait_for_function(  # a few tokens in: the reload comes mid-answer
+            "(document.querySelector('[data-testid=message-assistant] .bubble')?.textContent ?? '')"
+            ".split(' ').length > 2")
+        await page.reload()
+        await page.locator(".system", has_text="Resumed").wait_for()
+        assert await page.evaluate("chatDemo.client.appId") == app_id
+        assert await page.evaluate("chatDemo.sessionId") == session_id
+        await page.wait_for_selector("[data-testid=message-assistant][data-status=completed]")
+        assert await page.locator("[data-testid=message-assistant]").count() == 1
+        assert await page.locator("[data-testid=message-user]").text_content() == "Youtell me a story"
+        assert await last_reply(page).locator(".bubble").text_content() == "Hello, I am Ada. You said: tell me a story"
+        assert len(server.runtime.sessions) == 1  # the same session: nothing was created again
+        await page.click("button.chip[data-text='Hello there!']")  # and the conversation goes on
+        await page.wait_for_function(
+            "document.querySelectorAll('[data-testid=message-assistant][data-status=completed]').length === 2")
+
+
+async def test_demo_reload_with_the_confirm_dialog_open_brings_it_back(page: Any, demo: ModuleType) -> None:
+    async with serve(demo.build_demo_app(APIConfig(ping_interval=0))) as server:
+        await demo_page(page, server)
+        app_id = await page.evaluate("chatDemo.client.appId")
+        await page.fill("[data-testid=input]", "What's the weather in Paris?")
+        await page.press("[data-testid=input]", "Enter")
+        await page.locator("dialog[open]").wait_for()
+        await page.reload()
+        dialog = page.locator("dialog[open]")
+        await dialog.wait_for()  # asked again by the server after the resume: the dialog is back
+        assert await dialog.locator(".dialog-text").text_content() == \
+            "Look up the weather in Paris with the weather tool?"
+        assert await page.evaluate("chatDemo.client.appId") == app_id
+        await dialog.locator("button[data-option=yes]").click()
+        await page.wait_for_selector("[data-testid=message-assistant][data-status=completed]")
+        reply = last_reply(page)
+        assert await reply.locator(".bubble").text_content() == "I checked for you: it is 21°C and sunny in Paris."
+        assert await reply.locator(".event").all_text_contents() == ["⚙ weather(Paris)",
+                                                                     "✓ it is 21°C and sunny in Paris"]
+        assert await page.locator("dialog").count() == 0
+        assert len(server.runtime.sessions) == 1
 
 
 async def test_the_screenshot_script_captures_the_demo(tmp_path: Path) -> None:

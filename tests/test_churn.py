@@ -96,7 +96,7 @@ async def wait_for(message_type: str, client: Client) -> Message:
 async def cycle(url: str, index: int, outcomes: Counter[str]) -> None:
     mode = MODES[index % len(MODES)]
     asked = anyio.Event()
-    async with connect(url, request_timeout=10) as client:
+    async with connect(url, request_timeout=10, resume=False) as client:
 
         @client.on_server_request("user_input")
         async def never_answer(message: Message) -> dict[str, Any]:

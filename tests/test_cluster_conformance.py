@@ -238,7 +238,7 @@ async def test_remote_disconnect_fails_the_waiter_promptly(broker: BrokerHandle)
     async with cluster(broker, 2) as (a, b):
         api_b = b.runtime.messaging
         outcome: dict[str, Any] = {}
-        async with connect(a.ws_url) as client:
+        async with connect(a.ws_url, resume=False) as client:
             seen = anyio.Event()
 
             @client.on_server_request("never")

@@ -220,7 +220,7 @@ async def test_two_nodes_every_api_from_the_other_node(broker: Broker) -> None:
 
 async def disconnect_while_waited_on(waiting: NodeProcess, target: NodeProcess) -> float:
     """How long after the client on ``target`` drops does the waiter on ``waiting`` fail?"""
-    async with connect(target.ws_url) as client:
+    async with connect(target.ws_url, resume=False) as client:
         seen = anyio.Event()
 
         @client.on_server_request("never")

@@ -413,7 +413,7 @@ async def test_close_session_stops_its_engine(engine_server: LiveServer, probe: 
 
 
 async def test_disconnect_mid_command_stops_the_engine(engine_server: LiveServer, probe: Probe) -> None:
-    async with connect(engine_server.ws_url) as client:
+    async with connect(engine_server.ws_url, resume=False) as client:
         session_id, _ = await new_engine(client)
         await client.send("engine_command", {"session_id": session_id, "command": {"kind": "stream_forever"}},
                           message_id="long")

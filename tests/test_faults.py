@@ -185,7 +185,7 @@ async def test_handler_whose_request_to_another_app_is_cut_off(make_app: Any) ->
     extensions.register_handler("relay", dict[str, Any], relay)
     with error_trap("raised"):
         async with serve(make_app(extensions)) as server:
-            async with connect(server.ws_url) as asker, connect(server.ws_url) as target:
+            async with connect(server.ws_url, resume=False) as asker, connect(server.ws_url, resume=False) as target:
 
                 @target.on_server_request("question")
                 async def never(message: Message) -> dict[str, Any]:
@@ -249,7 +249,7 @@ async def test_handler_that_fails_while_its_connection_closes(make_app: Any) -> 
             for close in ("abort", "close"):
                 started.clear()
                 all_started = anyio.Event()
-                async with connect(server.ws_url) as client:
+                async with connect(server.ws_url, resume=False) as client:
                     connection = own_connection(server, client)
                     await client.create_session()
                     for kind in kinds:
@@ -420,7 +420,7 @@ async def test_disconnect_during_a_server_request_from_a_streaming_command(make_
     with error_trap():
         async with serve(fault_app(make_app, engine_extensions(probe))) as server:
             asked = anyio.Event()
-            async with connect(server.ws_url) as client:
+            async with connect(server.ws_url, resume=False) as client:
 
                 @client.on_server_request("user_input")
                 async def never(message: Message) -> dict[str, Any]:
@@ -463,7 +463,7 @@ async def test_disconnect_while_an_engine_starts(make_app: Any) -> None:
     probe: dict[str, Any] = {"start_gate": anyio.Event(), "starting": anyio.Event()}
     with error_trap():
         async with serve(fault_app(make_app, engine_extensions(probe))) as server:
-            async with connect(server.ws_url) as client:
+            async with connect(server.ws_url, resume=False) as client:
                 connection = own_connection(server, client)
                 session_id = await client.create_session()
                 await client.send("create_engine", {"session_id": session_id, "engine_type": "faulty"})
@@ -491,7 +491,7 @@ async def test_slow_disconnect_callback_does_not_hold_up_other_disconnects(make_
     extensions.register_connection_callback("disconnect", slow_goodbye)
     with error_trap():
         async with serve(fault_app(make_app, extensions)) as server:
-            async with connect(server.ws_url) as slow, connect(server.ws_url) as fast:
+            async with connect(server.ws_url, resume=False) as slow, connect(server.ws_url, resume=False) as fast:
                 slow_connection, fast_connection = own_connection(server, slow), own_connection(server, fast)
                 await slow.create_session()
                 await fast.create_session()
@@ -524,7 +524,7 @@ async def test_slow_engine_stop_while_other_sessions_and_clients_go(make_app: An
     app = fault_app(make_app, extensions, engine_stop_timeout=2)
     with error_trap("callback"):
         async with serve(app) as server:
-            async with connect(server.ws_url) as owner, connect(server.ws_url) as other:
+            async with connect(server.ws_url, resume=False) as owner, connect(server.ws_url, resume=False) as other:
                 owner_connection, other_connection = own_connection(server, owner), own_connection(server, other)
                 sessions = [await owner.create_session() for _ in range(3)]
                 for i, session_id in enumerate(sessions):
@@ -561,7 +561,7 @@ async def test_close_session_in_flight_when_the_client_vanishes(make_app: Any) -
     extensions.register_session_callback("session_destroyed", on_destroyed)
     with error_trap():
         async with serve(fault_app(make_app, extensions)) as server:
-            async with connect(server.ws_url) as client:
+            async with connect(server.ws_url, resume=False) as client:
                 connection = own_connection(server, client)
                 session_id = await client.create_session()
                 await client.request("create_engine", {"session_id": session_id, "engine_type": "faulty",
@@ -593,7 +593,7 @@ async def test_session_created_callback_in_flight_when_the_client_vanishes(make_
     extensions.register_session_callback("session_destroyed", destroyed)
     with error_trap():
         async with serve(fault_app(make_app, extensions)) as server:
-            async with connect(server.ws_url) as client:
+            async with connect(server.ws_url, resume=False) as client:
                 connection = own_connection(server, client)
                 await client.send("create_session", {})
                 with anyio.fail_after(5):
@@ -620,7 +620,7 @@ async def test_reaper_and_disconnect_destroy_the_same_sessions(make_app: Any) ->
     app = fault_app(make_app, extensions, session_timeout=0.05, session_reap_interval=0.02)
     with error_trap():
         async with serve(app) as server:
-            async with connect(server.ws_url) as client:
+            async with connect(server.ws_url, resume=False) as client:
                 connection = own_connection(server, client)
                 sessions = [await client.create_session() for _ in range(3)]
                 await client.request("create_engine", {"session_id": sessions[0], "engine_type": "faulty",
@@ -683,7 +683,7 @@ async def test_a_policy_close_reaches_the_client_before_slow_cleanup(make_app: A
     app = make_app(extensions, max_message_size=1024, rate_limit=1, rate_burst=2, rate_limit_strikes=1)
     expected = {"too_big": 1009, "rate_limit": 1008, "shutdown": 1001}[cause]
     with error_trap():
-        async with serve(app) as server, connect(server.ws_url, rate_limit_retries=0) as client:
+        async with serve(app) as server, connect(server.ws_url, rate_limit_retries=0, resume=False) as client:
             connection = own_connection(server, client)
             async with anyio.create_task_group() as tg:
                 if cause == "too_big":

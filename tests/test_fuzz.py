@@ -448,7 +448,7 @@ class Rig:
         return self.live.runtime
 
     def connect(self) -> None:
-        self._client_cm = self.portal.wrap_async_context_manager(connect(self.live.ws_url))
+        self._client_cm = self.portal.wrap_async_context_manager(connect(self.live.ws_url, resume=False))
         self.client = self._client_cm.__enter__()
         self.portal.call(self._setup_sessions)
 
@@ -812,7 +812,7 @@ def test_invalid_utf8_closes_1007(rig: Rig, before: list[Frame], payload: bytes)
     just before it may be lost with the connection; those that do arrive are right."""
 
     async def play() -> None:
-        async with connect(rig.live.ws_url) as client:
+        async with connect(rig.live.ws_url, resume=False) as client:
             connection = rig.runtime.hub.get(client.app_id)
             assert connection is not None
             for frame in before:
@@ -846,7 +846,7 @@ def test_frames_over_max_message_size_bytes_close_1009(rig: Rig, delta: int, cha
     size = len(text.encode())
 
     async def play() -> None:
-        async with connect(rig.live.ws_url) as client:
+        async with connect(rig.live.ws_url, resume=False) as client:
             connection = rig.runtime.hub.get(client.app_id)
             assert connection is not None
             await send_raw(client, text)
@@ -872,7 +872,7 @@ def test_rate_limit_answers_then_closes_1008(portal: BlockingPortal) -> None:
     async def play() -> None:
         app = fuzz_app(rate_limit=0.001, rate_burst=burst, rate_limit_strikes=strikes)
         with error_trap():
-            async with serve(app) as live, connect(live.ws_url) as client:
+            async with serve(app) as live, connect(live.ws_url, resume=False) as client:
                 for payload in frames:
                     try:
                         await send_raw(client, payload)

@@ -53,7 +53,7 @@ async def test_unsolicited_answers_are_rate_limited(make_app: Any, caplog: pytes
 
 async def test_answers_to_the_servers_own_requests_are_never_rate_limited(make_app: Any) -> None:
     app = make_app(rate_limit=1, rate_burst=1, rate_limit_strikes=50)
-    async with serve(app) as server, connect(server.ws_url, rate_limit_retries=0) as client:
+    async with serve(app) as server, connect(server.ws_url, rate_limit_retries=0, resume=False) as client:
         answered = 0
 
         @client.on_server_request("question")
@@ -206,7 +206,7 @@ async def test_cleanup_keeps_its_deadline_when_user_code_cannot_be_cancelled(mak
     instead of keeping the connection, session, engine and address slot registered until it returns."""
     app = asking_app(make_app, engine_stop_timeout=0.2)
     async with serve(app) as server:
-        async with connect(server.ws_url) as client:
+        async with connect(server.ws_url, resume=False) as client:
             connection = server.runtime.hub.get(client.app_id)
             assert connection is not None
             session_id = await client.create_session()
@@ -246,8 +246,8 @@ async def same_user(handshake: Handshake) -> Principal:
 async def test_a_users_connections_share_one_message_budget(make_app: Any) -> None:
     app = create_app(APIConfig(ping_interval=0, rate_limit=0, user_rate_limit=2, user_rate_burst=6),
                      authenticator=same_user)
-    async with serve(app) as server, connect(server.ws_url, rate_limit_retries=0) as a, \
-            connect(server.ws_url, rate_limit_retries=0) as b:
+    async with serve(app) as server, connect(server.ws_url, rate_limit_retries=0, resume=False) as a, \
+            connect(server.ws_url, rate_limit_retries=0, resume=False) as b:
         outcomes = []
         for n in range(10):
             try:
@@ -268,8 +268,8 @@ async def test_user_buckets_are_per_user(make_app: Any) -> None:
 
     app = create_app(APIConfig(ping_interval=0, rate_limit=0, user_rate_limit=1, user_rate_burst=3),
                      authenticator=one_user_each)
-    async with serve(app) as server, connect(server.ws_url, rate_limit_retries=0) as a, \
-            connect(server.ws_url, rate_limit_retries=0) as b:
+    async with serve(app) as server, connect(server.ws_url, rate_limit_retries=0, resume=False) as a, \
+            connect(server.ws_url, rate_limit_retries=0, resume=False) as b:
         for client in (a, b):
             for n in range(3):
                 await client.request("ping", {"timestamp": n})

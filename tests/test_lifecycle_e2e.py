@@ -19,8 +19,8 @@ pytestmark = pytest.mark.anyio
 
 async def test_missed_pongs_close_the_connection_and_clean_up(make_app: Any) -> None:
     app = make_app(ping_interval=0.05, missed_pongs=2)
-    async with serve(app) as server, connect(server.ws_url) as alive, \
-            connect(server.ws_url, auto_pong=False) as silent:
+    async with serve(app) as server, connect(server.ws_url, resume=False) as alive, \
+            connect(server.ws_url, auto_pong=False, resume=False) as silent:
         await silent.create_session()
         connection = server.runtime.hub.get(silent.app_id)
         assert await silent.wait_closed(timeout=5) == 1011
@@ -137,7 +137,7 @@ async def test_shutdown_closes_connections_and_fails_pending_requests(make_app: 
 
     app = make_app()
     runtime = app.state.llmgine
-    async with serve(app) as server, connect(server.ws_url) as client:
+    async with serve(app) as server, connect(server.ws_url, resume=False) as client:
         request_seen = anyio.Event()
 
         @client.on_server_request("wait")

@@ -94,7 +94,7 @@ async def test_unknown_app(server: LiveServer) -> None:
 
 async def test_disconnect_while_waiting_fails_the_waiter_within_100ms(server: LiveServer) -> None:
     messaging = server.runtime.messaging
-    async with connect(server.ws_url) as client:
+    async with connect(server.ws_url, resume=False) as client:
         request_seen = anyio.Event()
 
         @client.on_server_request("never")

@@ -47,7 +47,7 @@ async def test_metrics_count_what_happens(make_app: Any) -> None:
     async with serve(app) as server, httpx.AsyncClient(base_url=server.http_url) as http:
         before = await scrape(http)
         assert before["llmgine_ws_connections"] == 0
-        async with connect(server.ws_url, rate_limit_retries=0) as client:
+        async with connect(server.ws_url, rate_limit_retries=0, resume=False) as client:
             session_id = await client.create_session()
             with pytest.raises(RequestError):
                 await client.request("boom", {})

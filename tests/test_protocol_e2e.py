@@ -193,7 +193,7 @@ async def test_binary_frame_gets_a_clear_error(server: LiveServer) -> None:
 
 
 async def test_invalid_utf8_text_frame_is_refused_by_the_protocol_layer(server: LiveServer) -> None:
-    async with connect(server.ws_url) as client:
+    async with connect(server.ws_url, resume=False) as client:
         await send_raw_text_bytes(client, b'{"type": "ping", "message_id": "\xff\xfe", "data": {}}')
         code = await client.wait_closed(timeout=5)
     assert code == 1007  # RFC 6455: invalid frame payload data, closed by uvicorn before the app sees it
@@ -370,7 +370,7 @@ async def test_connection_is_cleaned_up_after_client_close(server: LiveServer) -
 
 
 async def test_abrupt_disconnect_is_cleaned_up(server: LiveServer) -> None:
-    async with connect(server.ws_url) as client:
+    async with connect(server.ws_url, resume=False) as client:
         await client.create_session()
         connection = server.runtime.hub.get(client.app_id)
         assert connection is not None

@@ -332,8 +332,8 @@ async def test_rate_limit_then_policy_close_while_a_neighbour_is_unaffected(
 ) -> None:
     caplog.set_level(logging.INFO, "llmgine_ws.audit")
     app = make_app(rate_limit=5, rate_burst=5, rate_limit_strikes=10)
-    async with serve(app) as server, connect(server.ws_url, rate_limit_retries=0) as abuser, \
-            connect(server.ws_url) as neighbour:
+    async with serve(app) as server, connect(server.ws_url, rate_limit_retries=0, resume=False) as abuser, \
+            connect(server.ws_url, resume=False) as neighbour:
         for i in range(5):
             assert (await abuser.request("ping", message_id=f"ok{i}")).type == "ping_res"
         with pytest.raises(RequestError) as limited:
