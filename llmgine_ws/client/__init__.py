@@ -21,10 +21,12 @@ WebSocket over anyio + wsproto), :mod:`.handshake` (TCP/TLS and the HTTP upgrade
 (``RATE_LIMITED``), :mod:`.resume` (seq, acks, the resume handshake, the reconnect policy; sans
 I/O), :mod:`.inbox`, :mod:`.handlers` (server requests), :mod:`.engines` (commands,
 ``ask_user``/``confirm`` answers), :mod:`.delivery` (where each incoming message goes, in order),
-:mod:`.connection` (:class:`Client`, :func:`connect`: the reader reconnects and resumes).
+:mod:`.session` (the connection under a client: reader, delivery task, reconnect and resume, acks,
+heartbeat), :mod:`.connection` (:class:`Client`, the public face), :mod:`.connecting` (:func:`connect`).
 """
 
-from .connection import Client, connect
+from .connecting import connect
+from .connection import Client
 from .engines import Command, CommandResult, ConfirmationRequest, CreatedEngine, EngineEvent, UserInputRequest
 from .errors import ClientError, ConnectionClosed, HandshakeRejected, RequestError, RequestTimeout, StateLost
 from .handlers import MessageHandler, ServerRequestHandler
