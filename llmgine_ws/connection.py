@@ -6,11 +6,9 @@ writer task (see :mod:`llmgine_ws.endpoint`), so no two tasks ever write to the 
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import math
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
 from datetime import datetime
 from typing import Any, Protocol
@@ -24,7 +22,8 @@ from .audit import AuditLog
 from .errors import AppDisconnected, ErrorCode, ProtocolError
 from .lifecycle import LazyEvent
 from .outbox import Outbox, OutboxClosed
-from .protocol import AnswerCheck, FrameEncoder, ServerPingData, new_message_id, utcnow
+from .pending import PendingRequest
+from .protocol import FrameEncoder, ServerPingData, new_message_id, utcnow
 from .replay import ResumeState
 from .security import RateLimiter, TokenBucket
 
@@ -128,87 +127,6 @@ class Link:
         if self.preamble is None:
             self.preamble = deque()
         self.preamble.extend(frames)
-
-
-class PendingRequest:
-    """A server request waiting for the client's ``server_response``.
-
-    On asyncio the waiter is a bare future and the timeout a loop timer (no cancel scope, no
-    ``anyio.Event``: this is the per-request cost of ``send_to_app_and_wait``, see
-    docs/performance.md); on any other backend an ``anyio.Event`` under ``anyio.fail_after``.
-    The outcome is the same either way: the answer, the error given to :meth:`fail`, or
-    ``TimeoutError``.
-    """
-
-    __slots__ = ("_done", "_error", "_future", "_response", "_settled", "app_id", "check", "frame", "message_id",
-                 "refused")
-
-    def __init__(self, app_id: str, message_id: str, check: AnswerCheck | None = None, *, frame: str = "") -> None:
-        self.app_id = app_id
-        self.message_id = message_id
-        self.frame = frame
-        """The request as sent (sent again after a resume)."""
-        self.check = check
-        """Why an answer does not fit the question (it is then refused and the question stays open)."""
-        self.refused = False
-        """An answer was refused: further answers cost like any message (no free retries under the rate limit)."""
-        loop = asyncio._get_running_loop()  # None outside asyncio (trio), where anyio's Event serves
-        self._future: asyncio.Future[None] | None = loop.create_future() if loop is not None else None
-        self._done: anyio.Event | None = None if loop is not None else anyio.Event()
-        self._settled = False
-        self._response: dict[str, Any] | None = None
-        self._error: BaseException | None = None
-
-    def _wake(self) -> None:
-        future = self._future
-        if future is not None:
-            if not future.done():
-                future.set_result(None)
-        elif self._done is not None:
-            self._done.set()
-
-    def resolve(self, data: dict[str, Any]) -> None:
-        """Deliver the client's answer (first outcome wins)."""
-        if not self._settled:
-            self._settled = True
-            self._response = data
-            self._wake()
-
-    def fail(self, error: BaseException) -> None:
-        """Fail the waiter with ``error`` (first outcome wins)."""
-        if not self._settled:
-            self._settled = True
-            self._error = error
-            self._wake()
-
-    def _expire(self) -> None:
-        self.fail(TimeoutError())
-
-    async def wait(self, timeout: float = math.inf) -> dict[str, Any]:
-        """Wait for the outcome, at most ``timeout`` seconds (then ``TimeoutError``); raises what
-        :meth:`fail` was given."""
-        future = self._future
-        if future is None:
-            assert self._done is not None
-            with anyio.fail_after(timeout):
-                await self._done.wait()
-        elif not self._settled:
-            timer = future.get_loop().call_later(timeout, self._expire) if timeout < _FOREVER else None
-            try:
-                await future
-            finally:
-                if timer is not None:
-                    timer.cancel()
-        else:
-            await anyio.lowlevel.checkpoint()
-        if self._error is not None:
-            raise self._error
-        assert self._response is not None
-        return self._response
-
-
-_FOREVER = 10.0 ** 9
-"""Timeouts from here on are no timeout (a loop timer cannot take ``math.inf``)."""
 
 
 class Connection:
@@ -630,77 +548,3 @@ async def keep_alive(link: Link, interval: float, allowed_misses: int, encoder: 
                                                 server_initiated=True))
         except AppDisconnected:
             return
-
-
-class KeepAlive:
-    """One task pings every socket of the app (instead of a task per socket).
-
-    A schedule, sans I/O apart from :meth:`run`'s sleeps: each link is due ``interval`` seconds after it
-    was added, then every ``interval`` seconds, as with a task per link. Every link has the same
-    interval, so the schedule stays in due order with a link appended when added and moved to the end
-    when pinged; :meth:`run` sleeps until the first one is due. After ``allowed_misses`` unanswered
-    pings in a row the link is dropped (a resumable app is detached, the socket likely half-open; any
-    other is closed with 1011).
-    """
-
-    __slots__ = ("_added", "_due", "allowed_misses", "encoder", "interval")
-
-    def __init__(self, interval: float, allowed_misses: int, encoder: FrameEncoder) -> None:
-        self.interval = interval
-        self.allowed_misses = allowed_misses
-        self.encoder = encoder
-        self._due: OrderedDict[Link, float] = OrderedDict()
-        self._added: anyio.Event | None = None
-
-    def __len__(self) -> int:
-        return len(self._due)
-
-    def add(self, link: Link) -> None:
-        """Ping ``link``'s client from ``interval`` seconds on (until :meth:`discard`)."""
-        self._due[link] = anyio.current_time() + self.interval
-        if self._added is not None:
-            self._added.set()
-            self._added = None
-
-    def discard(self, link: Link) -> None:
-        """Stop pinging ``link`` (its socket is gone)."""
-        self._due.pop(link, None)
-
-    def ping(self, link: Link) -> bool:
-        """Ping ``link``'s client once (or drop the link: too many pings unanswered); False when the
-        link needs no more pings."""
-        connection = link.app
-        if connection.proxy is not None:
-            return True  # the app's own node sequences its frames (and pings): nothing from here
-        if connection.link is not link and link.remote:
-            return False  # a remote link that was superseded, detached or closed
-        if len(connection.unanswered_pings) >= self.allowed_misses:
-            connection.drop_link(WS_INTERNAL_ERROR, "server pings unanswered", missed=len(connection.unanswered_pings))
-            return False
-        message_id = new_message_id()
-        connection.unanswered_pings[message_id] = time.monotonic()
-        # Not awaited: a full outbox puts it in the connection's backlog, which waits like send()
-        # (a client too slow for the send grace is closed with 1013).
-        return connection.send_soon(self.encoder.frame("server_ping", message_id, ServerPingData(timestamp=utcnow()),
-                                                       server_initiated=True))
-
-    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Ping every link when it is due, until cancelled."""
-        task_status.started()
-        due = self._due
-        while True:
-            if not due:
-                self._added = added = anyio.Event()
-                await added.wait()
-                continue
-            link, when = next(iter(due.items()))
-            delay = when - anyio.current_time()
-            if delay > 0:
-                await anyio.sleep(delay)  # a link added meanwhile is due later still
-                continue
-            if self.ping(link) and link in due:
-                due[link] = anyio.current_time() + self.interval
-                due.move_to_end(link)
-            else:
-                due.pop(link, None)
-            await anyio.lowlevel.checkpoint()

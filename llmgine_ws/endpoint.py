@@ -1,5 +1,5 @@
 """The WebSocket endpoint: one reader and one writer per socket (its link), pinged by the app's one
-keepalive task (:class:`~llmgine_ws.connection.KeepAlive`).
+keepalive task (:class:`~llmgine_ws.keepalive.KeepAlive`).
 
 The reader decodes and dispatches each frame (:mod:`llmgine_ws.dispatch`) and never waits on a
 handler; the writer is the only task that writes to the socket. They live in the link's task group;
@@ -28,13 +28,13 @@ from .connection import (
     CloseRequest,
     Connection,
     DetachRequest,
-    KeepAlive,
     Link,
     LinkTasks,
     OutboundItem,
     keep_alive,
 )
 from .errors import ErrorCode, ProtocolError
+from .keepalive import KeepAlive
 from .lifecycle import LazyEvent
 from .outbox import OutboxClosed
 from .runtime import Runtime

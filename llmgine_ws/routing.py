@@ -21,9 +21,10 @@ import anyio
 import anyio.abc
 import msgspec
 
-from .connection import Connection, PendingRequest
+from .connection import Connection
 from .errors import AppDisconnected, AppNotConnected, PendingRequestLimit
 from .hub import Hub
+from .pending import PendingRequest
 from .protocol import answer_check
 from .sessions import SessionStore
 

@@ -20,7 +20,7 @@ from anyio.from_thread import BlockingPortal
 from .audit import AuditLog
 from .auth import Authenticator, authenticator_from_config
 from .config import APIConfig
-from .connection import WS_GOING_AWAY, WS_SERVICE_RESTART, Connection, DetachRequest, KeepAlive
+from .connection import WS_GOING_AWAY, WS_SERVICE_RESTART, Connection, DetachRequest
 from .context import Services
 from .dispatch import Dispatcher
 from .engines import EngineManager
@@ -30,6 +30,7 @@ from .extensions import Extensions
 from .gate import HandshakeGate
 from .handlers import CoreHandlers
 from .hub import Hub
+from .keepalive import KeepAlive
 from .lifecycle import Host, Lifecycle, State
 from .logconfig import install_fallback_handler
 from .messaging import MessagingAPI

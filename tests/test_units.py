@@ -10,10 +10,12 @@ import pytest
 from starlette.testclient import TestClient
 
 from llmgine_ws import APIConfig, AppDisconnected, AppNotConnected, Extensions, HandlerContext, create_app
-from llmgine_ws.connection import WS_TRY_AGAIN_LATER, Connection, KeepAlive, Link, PendingRequest
+from llmgine_ws.connection import WS_TRY_AGAIN_LATER, Connection, Link
 from llmgine_ws.endpoint import _WriterTask
 from llmgine_ws.errors import ProtocolError
 from llmgine_ws.hub import Hub
+from llmgine_ws.keepalive import KeepAlive
+from llmgine_ws.pending import PendingRequest
 from llmgine_ws.protocol import FrameEncoder
 from llmgine_ws.routing import LocalRouter
 from llmgine_ws.sessions import SessionStore

@@ -20,7 +20,7 @@ from typing import Any
 
 import anyio
 
-from ..connection import Connection, PendingRequest
+from ..connection import Connection
 from ..errors import (
     AppDisconnected,
     AppNotConnected,
@@ -29,6 +29,7 @@ from ..errors import (
     PendingRequestLimit,
     ServerShuttingDown,
 )
+from ..pending import PendingRequest
 from ..protocol import answer_check
 from .wire import Reply, Request
 
