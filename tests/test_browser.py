@@ -446,7 +446,8 @@ async def test_server_restart_with_resume_waits_then_state_lost(page: Any, examp
     sock = listening_socket()
     probe = Probe()
     try:
-        async with serve(client_app(example, probe), sock=sock) as first:
+        # A short drain: the server would wait its default 10 s for the request that never ends.
+        async with serve(client_app(example, probe, drain_timeout=0.2), sock=sock) as first:
             first_id = await open_client(page, first, {"reconnect": {"initialDelay": 50, "maxDelay": 200}})
             assert await page.evaluate("client.resumable")
             await page.evaluate("""() => {
