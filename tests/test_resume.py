@@ -54,6 +54,18 @@ class Peer:
                 if message["type"] == message_type:
                     return message
 
+    async def until_result(self, events: list[Any],
+                           event_key: Callable[[dict[str, Any]], Any] = lambda data: data["seq"],
+                           timeout: float = 5.0) -> dict[str, Any]:
+        """Read up to the command's ``engine_command_res`` (returned), appending each ``engine_event``'s
+        ``event_key(data)`` to ``events`` on the way."""
+        while True:
+            message = await self.recv(timeout)
+            if message["type"] == "engine_event":
+                events.append(event_key(message["data"]))
+            elif message["type"] == "engine_command_res":
+                return message
+
     async def send(self, message_type: str, data: Any = None, message_id: str = "m") -> None:
         await self.raw.send_json({"type": message_type, "message_id": message_id, "data": data or {}})
 
@@ -233,13 +245,7 @@ async def test_drop_mid_engine_stream_replays_every_event_once_in_order(make_app
                 "status": "idle"}}]
             replayed = answer["data"]["replayed"]
             assert replayed == 151  # 150 events and the result
-            result = None
-            while result is None:
-                message = await client.recv()
-                if message["type"] == "engine_event":
-                    events.append(message["data"]["seq"])
-                elif message["type"] == "engine_command_res":
-                    result = message
+            result = await client.until_result(events)
             assert events == list(range(200))
             assert result["data"] == {"session_id": session_id, "status": "completed", "result": {"n": 200}}
             assert ("detached", app_id) in gates.callbacks and ("resumed", app_id) in gates.callbacks

@@ -84,13 +84,7 @@ async def test_resume_on_another_node_mid_stream(broker: Broker) -> None:
             assert a.runtime.live_counts()["remote_links_served"] == 1
             assert b.runtime.live_counts()["remote_links_proxied"] == 1
             gates["go"].set()  # live frames now flow from A's engine through B
-            result = None
-            while result is None:
-                message = await client.recv()
-                if message["type"] == "engine_event":
-                    events.append(message["data"]["seq"])
-                elif message["type"] == "engine_command_res":
-                    result = message
+            result = await client.until_result(events)
             assert events == list(range(100))
             assert result["data"]["result"] == {"n": 100}
             # the client's messages reach the app on A: a request, answered through B; a burst of
@@ -258,13 +252,7 @@ async def test_rolling_restart_drains_to_the_other_node(broker: Broker) -> None:
             async with resumed(b.ws_url + AS_ALICE, app_id, token, last_seq) as (moved, answer):
                 assert answer["data"]["resumed"] is True, answer
                 gates["go"].set()  # A's engine goes on; its frames reach the client through B
-                result = None
-                while result is None:
-                    message = await moved.recv()
-                    if message["type"] == "engine_event":
-                        events.append(message["data"]["seq"])
-                    elif message["type"] == "engine_command_res":
-                        result = message
+                result = await moved.until_result(events)
                 assert events == list(range(50))
                 assert result["data"]["result"] == {"n": 50}
                 # once its engines are done, A ends the app: the client learns it through B
@@ -422,13 +410,7 @@ async def test_rolling_restart_of_a_node_process(broker: Broker) -> None:
         async with resumed(b.ws_url + AS_ALICE, app_id, token, last_seq) as (moved, answer):
             assert answer["data"]["resumed"] is True, answer
             assert (await a.call("release", gate="g"))["ok"]  # (A still serves HTTP while it drains)
-            result = None
-            while result is None:
-                message = await moved.recv(timeout=10)
-                if message["type"] == "engine_event":
-                    events.append(message["data"]["payload"]["i"])
-                elif message["type"] == "engine_command_res":
-                    result = message
+            result = await moved.until_result(events, lambda data: data["payload"]["i"], timeout=10)
             assert events == list(range(40))
             assert result["data"]["result"] == {"n": 40}
             await moved.raw.messages_until_close(20)  # A's drain ends: the app ends, the client is told
